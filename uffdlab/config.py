@@ -1,0 +1,363 @@
+"""lab.yml: the typed description of a lab, and the errors a bad one earns.
+
+Every option is declared once here, with its help text. The provisioning
+variables go to Ansible unchanged (see `ProvisionVars`), so a playbook and
+the README never restate a default.
+"""
+from __future__ import annotations
+
+import difflib
+import os
+import re
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+import yaml
+from pydantic import (BaseModel, BeforeValidator, ConfigDict, Field,
+                      ValidationError, field_validator, model_validator)
+
+DEFAULT_KERNEL_PACKAGE = "linux-image-cloud-amd64"
+_SIZE_RE = re.compile(r"^\s*(\d+)\s*([KMGT]?)i?B?\s*$", re.IGNORECASE)
+_UNITS = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
+
+
+class ConfigError(Exception):
+    """A lab file that cannot be used; one line per problem."""
+
+    def __init__(self, problems: list[str]):
+        self.problems = problems
+        super().__init__("\n".join(problems))
+
+
+def parse_size(value: Any) -> int:
+    """'2G', '512M', '4096K' or a whole number of bytes -> bytes."""
+    if isinstance(value, bool):
+        raise ValueError(f"expected a size like 2G, got {value!r}")
+    if isinstance(value, int):
+        if value <= 0:
+            raise ValueError(f"expected a positive size like 2G, got {value!r}")
+        return value
+    m = _SIZE_RE.match(str(value)) if isinstance(value, str) else None
+    if not m:
+        raise ValueError(f"expected a size like 2G, got {value!r}")
+    size = int(m.group(1)) * _UNITS[m.group(2).upper()]
+    if size <= 0:
+        raise ValueError(f"expected a positive size like 2G, got {value!r}")
+    return size
+
+
+def format_size(nbytes: int) -> str:
+    for unit in ("T", "G", "M", "K"):
+        if nbytes % _UNITS[unit] == 0:
+            return f"{nbytes // _UNITS[unit]}{unit}"
+    return str(nbytes)
+
+
+Size = Annotated[int, BeforeValidator(parse_size)]
+
+
+class _Model(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class KernelSpec(_Model):
+    """Which kernel boots: a Debian package installed into the image, or a
+    contributor's own build booted directly from its path."""
+
+    package: str | None = Field(
+        None, description="Debian kernel package to install (default "
+        f"{DEFAULT_KERNEL_PACKAGE}); its vmlinuz and initrd boot the VM.")
+    vmlinuz: Path | None = Field(
+        None, description="A local bzImage to boot instead of a packaged kernel.")
+    initrd: Path | None = Field(
+        None, description="The local kernel's initrd, or null when the kernel "
+        "has virtio and ext4 built in (see images/local-kernel.config).")
+    cmdline: str = Field("", description="Extra kernel command line for this kernel.")
+
+    @model_validator(mode="after")
+    def _one_source(self) -> "KernelSpec":
+        if self.package and self.vmlinuz:
+            raise ValueError("expected either 'package' or 'vmlinuz', not both")
+        if self.initrd and not self.vmlinuz:
+            raise ValueError("'initrd' goes with a local 'vmlinuz'")
+        return self
+
+    @property
+    def is_local(self) -> bool:
+        return self.vmlinuz is not None
+
+    @property
+    def package_name(self) -> str | None:
+        return None if self.is_local else (self.package or DEFAULT_KERNEL_PACKAGE)
+
+
+class ImageSpec(_Model):
+    """A guest image: a Debian rootfs plus the kernel that boots it."""
+
+    suite: str = Field(description="Debian suite: bookworm (kernel 6.1), trixie (6.12), ...")
+    kernel: KernelSpec = Field(default_factory=KernelSpec,
+                               description="Packaged or local kernel.")
+    packages: list[str] = Field(default_factory=list,
+                                description="Extra Debian packages for the rootfs.")
+    disk_size: Size = Field(parse_size("4G"), description="Size of the root disk.")
+
+    @field_validator("suite")
+    @classmethod
+    def _suite_name(cls, v: str) -> str:
+        if not re.fullmatch(r"[a-z][a-z0-9-]*", v):
+            raise ValueError(f"expected a Debian suite name like trixie, got {v!r}")
+        return v
+
+    @field_validator("packages")
+    @classmethod
+    def _package_names(cls, v: list[str]) -> list[str]:
+        for name in v:
+            if not re.fullmatch(r"[a-z0-9][a-z0-9+.-]+", name):
+                raise ValueError(f"expected Debian package names, got {name!r}")
+        return v
+
+    @field_validator("disk_size")
+    @classmethod
+    def _disk_big_enough(cls, v: int) -> int:
+        if v < parse_size("2G"):
+            raise ValueError(f"expected at least 2G for the root disk, got {format_size(v)}")
+        return v
+
+
+class VMSpec(_Model):
+    """A disposable VM: an image booted with this much memory and CPU."""
+
+    image: str = Field(description="Name of an entry under 'images'.")
+    memory: Size = Field(parse_size("2G"), description="Guest RAM.")
+    cpus: int = Field(2, ge=1, le=64, description="Virtual CPUs.")
+    cmdline: str = Field("", description="Extra kernel command line.")
+    boot_timeout: float = Field(300, gt=0, description="Seconds to wait for SSH.")
+
+    @field_validator("memory")
+    @classmethod
+    def _memory_range(cls, v: int) -> int:
+        if not parse_size("256M") <= v <= parse_size("1T"):
+            raise ValueError(f"expected between 256M and 1T of memory, got {format_size(v)}")
+        return v
+
+
+class ProvisionVars(_Model):
+    """Guest settings handed to Ansible as the variable `lab` unchanged."""
+
+    unprivileged_userfaultfd: Literal[0, 1] = Field(
+        1, description="vm.unprivileged_userfaultfd in the guest (1 lets the "
+        "non-root lab user create uffds with the syscall).")
+    dev_userfaultfd_mode: str = Field(
+        "0666", pattern=r"^0[0-7]{3}$",
+        description="Permissions of /dev/userfaultfd (kernel 6.1+).")
+    hugepages: int = Field(0, ge=0, le=65536,
+                           description="2M huge pages to reserve (hugetlbfs backing).")
+    tools_dir: str = Field("/opt/uffdlab", pattern=r"^/[^\s]*$",
+                           description="Where guest-tools are copied and built.")
+
+
+class Lab(_Model):
+    """The whole lab file."""
+
+    name: str = Field("uffd-lab", description="Recorded with every result.")
+    accel: Literal["auto", "kvm", "tcg"] = Field(
+        "auto", description="auto uses KVM only when a guest really runs under it.")
+    cache_dir: Path = Field(Path("~/.cache/uffdlab"),
+                            description="Images, keys and VM state (never in git).")
+    results: Path = Field(Path("results/lab.sqlite"),
+                          description="Results database, relative to lab.yml.")
+    images: dict[str, ImageSpec] = Field(description="Image recipes by name.")
+    vms: dict[str, VMSpec] = Field(description="VMs by name.")
+    provision: ProvisionVars = Field(default_factory=ProvisionVars,
+                                     description="Guest settings for Ansible.")
+    # Where the file was read from; relative paths resolve against it.
+    source: Path = Field(Path("lab.yml"), exclude=True)
+
+    @field_validator("images", "vms")
+    @classmethod
+    def _names(cls, v: dict) -> dict:
+        if not v:
+            raise ValueError("expected at least one entry")
+        for name in v:
+            if not re.fullmatch(r"[a-z0-9][a-z0-9_-]{0,31}", str(name)):
+                raise ValueError(f"expected a short lowercase name, got {name!r}")
+        return v
+
+    @model_validator(mode="after")
+    def _vm_images_exist(self) -> "Lab":
+        for vm_name, vm in self.vms.items():
+            if vm.image not in self.images:
+                raise _FieldProblem(("vms", vm_name, "image"), vm.image,
+                                    f"the name of an image ({', '.join(self.images)})")
+        return self
+
+    # -- resolved paths -------------------------------------------------
+    @property
+    def base_dir(self) -> Path:
+        return self.source.resolve().parent
+
+    @property
+    def cache_path(self) -> Path:
+        return self._resolve(self.cache_dir)
+
+    @property
+    def results_path(self) -> Path:
+        return self._resolve(self.results)
+
+    def _resolve(self, p: Path) -> Path:
+        p = Path(os.path.expanduser(str(p)))
+        return p if p.is_absolute() else self.base_dir / p
+
+    def kernel_path(self, p: Path) -> Path:
+        return self._resolve(p)
+
+    def vm_spec(self, name: str | None) -> tuple[str, VMSpec]:
+        """The named VM, or the first one when no name is given."""
+        name = name or next(iter(self.vms))
+        if name not in self.vms:
+            raise ConfigError([_did_you_mean(f"{self.source.name}: no VM named {name!r}",
+                                             name, self.vms)])
+        return name, self.vms[name]
+
+    def image_spec(self, name: str) -> ImageSpec:
+        if name not in self.images:
+            raise ConfigError([_did_you_mean(f"{self.source.name}: no image named {name!r}",
+                                             name, self.images)])
+        return self.images[name]
+
+
+class _FieldProblem(ValueError):
+    """A cross-field problem that knows the path it belongs to."""
+
+    def __init__(self, loc: tuple, value: Any, expected: str):
+        self.loc, self.value, self.expected = loc, value, expected
+        super().__init__(f"expected {expected}, got {value!r}")
+
+
+def _did_you_mean(msg: str, word: str, choices) -> str:
+    close = difflib.get_close_matches(str(word), [str(c) for c in choices], n=1)
+    return f"{msg} (did you mean {close[0]!r}?)" if close else msg
+
+
+def _model_at(loc: tuple) -> type[BaseModel] | None:
+    """The model class whose fields are valid at a location, for suggestions."""
+    model: Any = Lab
+    for part in loc:
+        if model is None or isinstance(part, int):
+            continue
+        field = model.model_fields.get(part)
+        if field is None:
+            # a dict key (image or VM name): the value type is the next model
+            continue
+        ann = field.annotation
+        args = getattr(ann, "__args__", ())
+        if isinstance(ann, type) and issubclass(ann, BaseModel):
+            model = ann
+        elif args and isinstance(args[-1], type) and issubclass(args[-1], BaseModel):
+            model = args[-1]
+        else:
+            model = None
+    return model
+
+
+def _line_map(text: str) -> dict[tuple, int]:
+    """YAML path -> 1-based line, so errors can say where a value came from."""
+    lines: dict[tuple, int] = {}
+
+    def walk(node, path):
+        lines[path] = node.start_mark.line + 1
+        if isinstance(node, yaml.MappingNode):
+            for k, v in node.value:
+                walk(v, path + (k.value,))
+                lines[path + (k.value, "<key>")] = k.start_mark.line + 1
+        elif isinstance(node, yaml.SequenceNode):
+            for i, v in enumerate(node.value):
+                walk(v, path + (i,))
+
+    try:
+        root = yaml.compose(text)
+    except yaml.YAMLError:
+        return lines
+    if root is not None:
+        walk(root, ())
+    return lines
+
+
+def _describe(err: dict, label: str, lines: dict[tuple, int]) -> str:
+    loc = tuple(p for p in err["loc"] if not str(p).startswith(("function-", "constrained-")))
+    ctx_err = (err.get("ctx") or {}).get("error")
+    value = err.get("input")
+    if isinstance(ctx_err, _FieldProblem):
+        loc, value = ctx_err.loc, ctx_err.value
+        msg = f"expected {ctx_err.expected}, got {value!r}"
+    elif err["type"] == "extra_forbidden":
+        model = _model_at(loc[:-1])
+        msg = f"unknown key {loc[-1]!r}"
+        if model is not None:
+            msg = _did_you_mean(msg, loc[-1], model.model_fields)
+    elif err["type"] == "missing":
+        msg = "required, but missing"
+    elif err["type"] == "value_error":
+        msg = str(ctx_err) if ctx_err else err["msg"]
+    elif err["type"] == "literal_error":
+        msg = f"expected {err['ctx']['expected']}, got {value!r}"
+    else:
+        msg = f"{err['msg'][0].lower()}{err['msg'][1:]}, got {value!r}"
+    path = ".".join(str(p) for p in loc) or "(top level)"
+    line = lines.get(loc + ("<key>",)) or lines.get(loc)
+    where = f"{label}:{line}" if line else label
+    return f"{where}: {path}: {msg}"
+
+
+def load_lab(path: str | os.PathLike | None = None) -> Lab:
+    """Read and validate a lab file; raises ConfigError listing every problem."""
+    path = Path(path or os.environ.get("UFFDLAB_LAB") or "lab.yml")
+    label = str(path)
+    try:
+        text = path.read_text()
+    except OSError as e:
+        raise ConfigError([f"{label}: cannot read the lab file: {e.strerror}"]) from None
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as e:
+        raise ConfigError([f"{label}: not valid YAML: {e}"]) from None
+    return lab_from_dict(data, source=path, text=text)
+
+
+def lab_from_dict(data: Any, source: Path = Path("lab.yml"), text: str = "") -> Lab:
+    label = str(source)
+    if not isinstance(data, dict):
+        raise ConfigError([f"{label}: expected a mapping of lab settings, "
+                           f"got {type(data).__name__}"])
+    if "source" in data:
+        raise ConfigError([f"{label}: source: unknown key 'source'"])
+    try:
+        return Lab.model_validate({**data, "source": source})
+    except ValidationError as e:
+        lines = _line_map(text)
+        raise ConfigError([_describe(err, label, lines) for err in e.errors()]) from None
+
+
+def option_help() -> list[tuple[str, str, str]]:
+    """(key path, default, help) for every lab.yml option: the README table."""
+    rows: list[tuple[str, str, str]] = []
+
+    def walk(model: type[BaseModel], prefix: str):
+        for name, field in model.model_fields.items():
+            if name == "source":
+                continue
+            ann = field.annotation
+            args = getattr(ann, "__args__", ())
+            sub = ann if isinstance(ann, type) and issubclass(ann, BaseModel) else (
+                args[-1] if args and isinstance(args[-1], type)
+                and issubclass(args[-1], BaseModel) else None)
+            key = f"{prefix}{name}"
+            if sub is not None and "dict" in str(ann):
+                key += ".<name>"
+            default = "" if field.is_required() or field.default_factory else repr(field.default)
+            rows.append((key, default, field.description or ""))
+            if sub is not None:
+                walk(sub, key + ".")
+
+    walk(Lab, "")
+    return rows

@@ -1,0 +1,42 @@
+"""Lifecycle events. The library emits them; the CLI and notebooks render
+them. Nothing in the library prints."""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+# The kinds a VM goes through, in order; 'progress' and 'task' repeat.
+KINDS = ("building", "booting", "accel", "ssh-ready", "provisioning", "task",
+         "running", "progress", "stored", "stopped", "failed", "info")
+
+
+@dataclass(frozen=True)
+class Event:
+    kind: str
+    subject: str            # a VM or image name
+    message: str = ""
+    data: dict[str, Any] = field(default_factory=dict)
+    time: float = field(default_factory=time.time)
+
+    def __str__(self) -> str:
+        return f"[{self.subject}] {self.kind}: {self.message}" if self.message \
+            else f"[{self.subject}] {self.kind}"
+
+
+Listener = Callable[[Event], None]
+
+
+def ignore(_event: Event) -> None:
+    """The default listener: events go nowhere."""
+
+
+class Emitter:
+    """Something that can tell listeners what it is doing."""
+
+    def __init__(self, subject: str, listener: Listener | None = None):
+        self.subject = subject
+        self.listener: Listener = listener or ignore
+
+    def emit(self, kind: str, message: str = "", **data: Any) -> None:
+        self.listener(Event(kind, self.subject, message, data))

@@ -1,0 +1,253 @@
+"""lab.yml image recipe --mmdebstrap + Debian kernel--> cached base image.
+
+An image lives in `<cache>/images/<key>/`, where the key is a hash of the
+recipe: base.qcow2, vmlinuz, initrd.img, the pinned SSH host key and
+meta.json. Building an unchanged recipe is a lookup. A build happens in a
+scratch directory renamed into place at the end, so a failed or interrupted
+build leaves nothing half-made in the cache.
+"""
+from __future__ import annotations
+
+import fcntl
+import hashlib
+import json
+import os
+import shutil
+import struct
+import subprocess
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from .config import ConfigError, ImageSpec, Lab, format_size
+from .events import Emitter, Listener
+from .keys import LabKeys
+
+IMAGES_DIR = Path(__file__).resolve().parent.parent / "images"
+CUSTOMIZE = IMAGES_DIR / "customize.sh"
+# Bump when the way images are built changes, so caches rebuild.
+RECIPE_VERSION = 1
+BASE_PACKAGES = ("systemd-sysv", "udev", "kmod", "procps", "iproute2",
+                 "openssh-server", "python3", "gcc", "make", "libc6-dev",
+                 "linux-libc-dev", "initramfs-tools")
+# Documentation and translations are the bulk of a rootfs and unused here.
+DPKG_OPTS = ("path-exclude=/usr/share/man/*", "path-exclude=/usr/share/doc/*",
+             "path-include=/usr/share/doc/*/copyright",
+             "path-exclude=/usr/share/locale/*")
+
+
+class ImageError(Exception):
+    pass
+
+
+@dataclass(frozen=True)
+class Image:
+    """A built (or buildable) image and what boots it."""
+
+    name: str
+    spec: ImageSpec
+    key: str
+    dir: Path
+    vmlinuz: Path
+    initrd: Path | None
+    kernel_cmdline: str
+
+    @property
+    def base(self) -> Path:
+        return self.dir / "base.qcow2"
+
+    @property
+    def built(self) -> bool:
+        return (self.dir / "meta.json").is_file()
+
+    @property
+    def meta(self) -> dict:
+        return json.loads((self.dir / "meta.json").read_text())
+
+    @property
+    def host_pubkey(self) -> str:
+        """'ssh-ed25519 AAAA...' baked into the image at build time."""
+        return " ".join((self.dir / "ssh_host_ed25519_key.pub").read_text().split()[:2])
+
+    @property
+    def kernel_release(self) -> str:
+        if self.spec.kernel.is_local:
+            return bzimage_release(self.vmlinuz) or "unknown"
+        return self.meta["kernel_release"]
+
+
+def bzimage_release(path: Path) -> str | None:
+    """The release string a bzImage carries in its setup header."""
+    try:
+        with open(path, "rb") as f:
+            head = f.read(0x4000)
+            if head[0x202:0x206] != b"HdrS":
+                return None
+            (offset,) = struct.unpack_from("<H", head, 0x20E)
+            f.seek(offset + 0x200)
+            text = f.read(256).split(b"\0")[0].decode(errors="replace")
+    except (OSError, struct.error):
+        return None
+    return text.split(" ")[0] or None
+
+
+def recipe(spec: ImageSpec, lab_pubkey: str) -> dict:
+    """Everything that decides the rootfs's content. A local kernel does not
+    change the rootfs: it boots the packaged image's disk."""
+    return {
+        "version": RECIPE_VERSION,
+        "suite": spec.suite,
+        "kernel_package": spec.kernel.package_name or "linux-image-cloud-amd64",
+        "packages": sorted(set(BASE_PACKAGES) | set(spec.packages)),
+        "disk_size": spec.disk_size,
+        "dpkg_opts": list(DPKG_OPTS),
+        "customize_sha256": hashlib.sha256(CUSTOMIZE.read_bytes()).hexdigest(),
+        "lab_pubkey": lab_pubkey,
+    }
+
+
+def recipe_key(rec: dict) -> str:
+    blob = json.dumps(rec, sort_keys=True, separators=(",", ":")).encode()
+    return hashlib.sha256(blob).hexdigest()[:16]
+
+
+def mmdebstrap_argv(rec: dict, out: Path, lab_pubkey: Path, hostkey: Path) -> list[str]:
+    """The whole build is one mmdebstrap call; no mirror is named, so it uses
+    Debian's default."""
+    hook = (f'sh {CUSTOMIZE} "$1" {out} {lab_pubkey} {hostkey} '
+            f'{rec["disk_size"] // (1 << 20)}M')
+    argv = ["mmdebstrap", "--variant=apt", "--mode=auto", "--format=null",
+            "--include=" + ",".join(rec["packages"] + [rec["kernel_package"]])]
+    argv += [f"--dpkgopt={o}" for o in rec["dpkg_opts"]]
+    argv += [f"--customize-hook={hook}", rec["suite"], "/dev/null"]
+    return argv
+
+
+class ImageStore:
+    """The cache of built images for one lab."""
+
+    def __init__(self, lab: Lab, listener: Listener | None = None):
+        self.lab = lab
+        self.root = lab.cache_path / "images"
+        self.keys = LabKeys(lab.cache_path / "keys")
+        self.listener = listener
+
+    def image(self, name: str) -> Image:
+        spec = self.lab.image_spec(name)
+        key = recipe_key(recipe(spec, self.keys.public_key()))
+        d = self.root / key
+        if spec.kernel.is_local:
+            vmlinuz = self.lab.kernel_path(spec.kernel.vmlinuz)
+            initrd = self.lab.kernel_path(spec.kernel.initrd) if spec.kernel.initrd else None
+            for field, p in (("vmlinuz", vmlinuz), ("initrd", initrd)):
+                if p is not None and not p.is_file():
+                    raise ConfigError([f"{self.lab.source}: images.{name}.kernel.{field}: "
+                                       f"expected an existing file, got '{p}'"])
+        else:
+            vmlinuz, initrd = d / "vmlinuz", d / "initrd.img"
+        return Image(name, spec, key, d, vmlinuz, initrd, spec.kernel.cmdline)
+
+    def build(self, name: str, force: bool = False) -> Image:
+        """Build the image unless an identical recipe is already cached."""
+        img = self.image(name)
+        ev = Emitter(name, self.listener)
+        if img.built and not force:
+            return img
+        self.root.mkdir(parents=True, exist_ok=True)
+        with open(self.root / f".{img.key}.lock", "w") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)      # a concurrent builder finishes first
+            if img.built and not force:
+                return img
+            self._build_locked(img, ev)
+        return img
+
+    def _build_locked(self, img: Image, ev: Emitter) -> None:
+        rec = recipe(img.spec, self.keys.public_key())
+        scratch = self.root / f".build-{img.key}-{os.getpid()}"
+        shutil.rmtree(scratch, ignore_errors=True)
+        scratch.mkdir(parents=True)
+        started = time.monotonic()
+        try:
+            hostkey = scratch / "ssh_host_ed25519_key"
+            _run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-C",
+                  f"uffdlab-{img.name}", "-f", str(hostkey)], "ssh-keygen")
+            argv = mmdebstrap_argv(rec, scratch, self.keys.public_path, hostkey)
+            ev.emit("building", f"mmdebstrap {rec['suite']} with {rec['kernel_package']}")
+            self._mmdebstrap(argv, scratch / "build.log", ev)
+            ev.emit("building", "converting to qcow2")
+            _run(["qemu-img", "convert", "-O", "qcow2", str(scratch / "rootfs.raw"),
+                  str(scratch / "base.qcow2")], "qemu-img convert")
+            (scratch / "rootfs.raw").unlink()
+            hostkey.unlink()                      # the guest keeps the only copy
+            meta = {
+                "name": img.name, "key": img.key, "recipe": rec,
+                "suite": rec["suite"], "kernel_package": rec["kernel_package"],
+                "kernel_release": (scratch / "kernel-release").read_text().strip(),
+                "linux_libc_dev": _read(scratch / "linux-libc-dev-version"),
+                "built_at": time.time(),
+                "build_seconds": round(time.monotonic() - started, 1),
+            }
+            meta["size"] = sum(p.stat().st_size for p in scratch.iterdir())
+            (scratch / "meta.json").write_text(json.dumps(meta, indent=2))
+            if img.dir.exists():                  # --force: replace the old one
+                shutil.rmtree(img.dir)
+            scratch.rename(img.dir)
+        except BaseException:
+            shutil.rmtree(scratch, ignore_errors=True)
+            raise
+        ev.emit("building", f"done in {meta['build_seconds']} s, kernel "
+                f"{meta['kernel_release']}, {format_size_mb(meta['size'])}",
+                seconds=meta["build_seconds"])
+
+    def _mmdebstrap(self, argv: list[str], log: Path, ev: Emitter) -> None:
+        if shutil.which("mmdebstrap") is None:
+            raise ImageError("mmdebstrap is not installed (apt-get install mmdebstrap); "
+                             "run 'uffdlab doctor'")
+        with open(log, "w") as logf:
+            proc = subprocess.Popen(argv, stdout=logf, stderr=subprocess.PIPE, text=True)
+            try:
+                tail: list[str] = []
+                for line in proc.stderr:
+                    logf.write(line)
+                    tail = (tail + [line.rstrip()])[-30:]
+                    if line.startswith("I: "):   # mmdebstrap's own step messages
+                        ev.emit("building", line[3:].strip())
+                proc.wait()
+            finally:
+                if proc.poll() is None:
+                    proc.terminate()
+                    proc.wait()
+        if proc.returncode != 0:
+            raise ImageError(f"mmdebstrap failed (exit {proc.returncode}); last lines:\n"
+                             + "\n".join(tail))
+
+    def list(self) -> list[dict]:
+        """Every lab image with whether it is built, and its facts if so."""
+        rows = []
+        for name in self.lab.images:
+            img = self.image(name)
+            row = {"name": name, "suite": img.spec.suite, "key": img.key,
+                   "built": img.built, "kernel": "", "size": ""}
+            if img.built:
+                row["kernel"] = img.kernel_release
+                row["size"] = format_size_mb(img.meta["size"])
+            elif img.spec.kernel.is_local:
+                row["kernel"] = img.kernel_release
+            if img.spec.kernel.is_local:
+                row["kernel"] += " (local)"
+            rows.append(row)
+        return rows
+
+
+def format_size_mb(nbytes: int) -> str:
+    return f"{nbytes / (1 << 20):.0f} MiB" if nbytes < (1 << 30) else format_size(nbytes)
+
+
+def _read(p: Path) -> str:
+    return p.read_text().strip() if p.exists() else ""
+
+
+def _run(argv: list[str], what: str) -> None:
+    r = subprocess.run(argv, capture_output=True, text=True)
+    if r.returncode != 0:
+        raise ImageError(f"{what} failed (exit {r.returncode}): {r.stderr.strip()}")

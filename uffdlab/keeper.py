@@ -1,0 +1,77 @@
+"""The process that owns one running QEMU.
+
+`VM.up()` starts `python -m uffdlab.keeper STATE_DIR`, which starts QEMU and
+stays with it. While the VM boots, the keeper watches a pipe from the caller:
+if the caller dies (Ctrl-C, kill -9, a crashed notebook) before it writes
+"detach", the keeper stops QEMU. Whenever QEMU exits, for whatever reason,
+the keeper deletes the overlay and the VM's state. QEMU is tied to the keeper
+with PR_SET_PDEATHSIG, so even a killed keeper takes QEMU with it; the
+overlay it then leaves is what `uffdlab down --all` sweeps up.
+"""
+from __future__ import annotations
+
+import ctypes
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+from pathlib import Path
+
+PR_SET_PDEATHSIG = 1
+
+
+def die_with_parent() -> None:
+    """preexec_fn: the child gets SIGKILL when its parent goes away."""
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+
+
+def cleanup(state_dir: Path) -> None:
+    """Remove everything of a stopped VM but its last serial log."""
+    serial = state_dir / "serial.log"
+    if serial.exists():
+        os.replace(serial, state_dir.parent / f"{state_dir.name}.serial.log")
+    for p in sorted(state_dir.glob("*"), reverse=True):
+        if p.is_file() or p.is_socket():
+            p.unlink(missing_ok=True)
+    try:
+        state_dir.rmdir()
+    except OSError:
+        pass
+
+
+def main(state_dir: Path) -> int:
+    launch = json.loads((state_dir / "launch.json").read_text())
+    with open(state_dir / "qemu.log", "w") as log:
+        qemu = subprocess.Popen(launch["argv"], stdin=subprocess.DEVNULL, stdout=log,
+                                stderr=subprocess.STDOUT, preexec_fn=die_with_parent)
+    print(qemu.pid, flush=True)
+
+    def stop(*_):
+        if qemu.poll() is None:
+            qemu.terminate()
+
+    signal.signal(signal.SIGTERM, stop)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)   # the caller's Ctrl-C is its own
+
+    def watch_caller():
+        for line in sys.stdin:
+            if line.strip() == "detach":
+                return
+        stop()                                     # caller gone before the VM was ready
+
+    threading.Thread(target=watch_caller, daemon=True).start()
+    while True:
+        try:
+            qemu.wait(timeout=5)
+            break
+        except subprocess.TimeoutExpired:
+            continue
+    cleanup(state_dir)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(Path(sys.argv[1])))

@@ -1,0 +1,58 @@
+"""The one place that knows QEMU's command line."""
+from __future__ import annotations
+
+import shlex
+from dataclasses import dataclass, field
+from pathlib import Path
+
+QEMU = "qemu-system-x86_64"
+GUEST_CMDLINE = "root=/dev/vda rw console=ttyS0 net.ifnames=0 panic=-1"
+
+
+@dataclass(frozen=True)
+class QemuCommand:
+    """Everything that decides how one VM boots."""
+
+    name: str
+    accel: str                      # "kvm" or "tcg": auto is resolved before this
+    memory_mb: int
+    cpus: int
+    vmlinuz: Path
+    initrd: Path | None
+    disk: Path                      # the VM's own qcow2 overlay
+    ssh_port: int
+    serial_log: Path
+    qmp_socket: Path | None
+    cmdline: str = ""
+    extra: tuple[str, ...] = field(default_factory=tuple)
+
+    def accel_args(self) -> list[str]:
+        if self.accel == "kvm":
+            return ["-accel", "kvm", "-cpu", "host"]
+        # thread=multi: one host thread per vCPU; -cpu max exposes everything
+        # TCG can emulate (PKU, LA57...), so the guest kernel sees a modern CPU.
+        return ["-accel", "tcg,thread=multi", "-cpu", "max"]
+
+    def kernel_cmdline(self) -> str:
+        return " ".join(p for p in (GUEST_CMDLINE, self.cmdline) if p)
+
+    def argv(self) -> list[str]:
+        args = [QEMU, "-name", f"uffdlab-{self.name}", "-machine", "q35",
+                *self.accel_args(), "-smp", str(self.cpus), "-m", f"{self.memory_mb}M",
+                "-nodefaults", "-display", "none", "-no-reboot",
+                "-kernel", str(self.vmlinuz)]
+        if self.initrd is not None:
+            args += ["-initrd", str(self.initrd)]
+        args += ["-append", self.kernel_cmdline(),
+                 # cache=unsafe: the overlay is thrown away, so flushes buy nothing
+                 "-drive", f"file={self.disk},if=virtio,format=qcow2,cache=unsafe,discard=unmap",
+                 "-netdev", f"user,id=net0,hostfwd=tcp:127.0.0.1:{self.ssh_port}-:22",
+                 "-device", "virtio-net-pci,netdev=net0",
+                 "-device", "virtio-rng-pci",     # sshd and the CRNG need entropy now
+                 "-serial", f"file:{self.serial_log}"]
+        if self.qmp_socket is not None:
+            args += ["-qmp", f"unix:{self.qmp_socket},server=on,wait=off"]
+        return args + list(self.extra)
+
+    def shell(self) -> str:
+        return shlex.join(self.argv())
