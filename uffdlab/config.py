@@ -13,8 +13,9 @@ from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import (BaseModel, BeforeValidator, ConfigDict, Field,
-                      ValidationError, field_validator, model_validator)
+from pydantic import (AfterValidator, BaseModel, BeforeValidator, ConfigDict,
+                      Field, ValidationError, ValidationInfo, field_validator,
+                      model_validator)
 
 DEFAULT_KERNEL_PACKAGE = "linux-image-cloud-amd64"
 _SIZE_RE = re.compile(r"^\s*(\d+)\s*([KMGT]?)i?B?\s*$", re.IGNORECASE)
@@ -77,9 +78,12 @@ class KernelSpec(_Model):
     @model_validator(mode="after")
     def _one_source(self) -> "KernelSpec":
         if self.package and self.vmlinuz:
-            raise ValueError("expected either 'package' or 'vmlinuz', not both")
+            raise ValueError(f"expected either 'package' or 'vmlinuz', not both; got "
+                             f"package {self.package!r} and vmlinuz '{self.vmlinuz}'")
         if self.initrd and not self.vmlinuz:
-            raise ValueError("'initrd' goes with a local 'vmlinuz'")
+            raise ValueError(f"expected 'initrd' only with a local 'vmlinuz', got initrd "
+                             f"'{self.initrd}' and no vmlinuz (a packaged kernel brings "
+                             f"its own initrd)")
         return self
 
     @property
@@ -91,13 +95,32 @@ class KernelSpec(_Model):
         return None if self.is_local else (self.package or DEFAULT_KERNEL_PACKAGE)
 
 
+def _package_name(name: str) -> str:
+    if not re.fullmatch(r"[a-z0-9][a-z0-9+.-]+", name):
+        raise ValueError(f"expected a Debian package name like linux-perf "
+                         f"(lowercase letters, digits, + - .), got {name!r}")
+    return name
+
+
+PackageName = Annotated[str, AfterValidator(_package_name)]
+
+
+def _octal_mode(v: Any) -> Any:
+    if isinstance(v, int) and not isinstance(v, bool):
+        raise ValueError(f"expected a quoted octal mode like '0666', got {v!r} "
+                         f"(YAML reads an unquoted 0666 as the number 438: quote it)")
+    if isinstance(v, str) and not re.fullmatch(r"0[0-7]{3}", v):
+        raise ValueError(f"expected an octal mode of 4 digits like '0666', got {v!r}")
+    return v
+
+
 class ImageSpec(_Model):
     """A guest image: a Debian rootfs plus the kernel that boots it."""
 
     suite: str = Field(description="Debian suite: bookworm (kernel 6.1), trixie (6.12), ...")
     kernel: KernelSpec = Field(default_factory=KernelSpec,
                                description="Packaged or local kernel.")
-    packages: list[str] = Field(default_factory=list,
+    packages: list[PackageName] = Field(default_factory=list,
                                 description="Extra Debian packages for the rootfs.")
     disk_size: Size = Field(parse_size("4G"), description="Size of the root disk.")
 
@@ -106,14 +129,6 @@ class ImageSpec(_Model):
     def _suite_name(cls, v: str) -> str:
         if not re.fullmatch(r"[a-z][a-z0-9-]*", v):
             raise ValueError(f"expected a Debian suite name like trixie, got {v!r}")
-        return v
-
-    @field_validator("packages")
-    @classmethod
-    def _package_names(cls, v: list[str]) -> list[str]:
-        for name in v:
-            if not re.fullmatch(r"[a-z0-9][a-z0-9+.-]+", name):
-                raise ValueError(f"expected Debian package names, got {name!r}")
         return v
 
     @field_validator("disk_size")
@@ -147,8 +162,8 @@ class ProvisionVars(_Model):
     unprivileged_userfaultfd: Literal[0, 1] = Field(
         1, description="vm.unprivileged_userfaultfd in the guest (1 lets the "
         "non-root lab user create uffds with the syscall).")
-    dev_userfaultfd_mode: str = Field(
-        "0666", pattern=r"^0[0-7]{3}$",
+    dev_userfaultfd_mode: Annotated[str, BeforeValidator(_octal_mode)] = Field(
+        "0666",
         description="Permissions of /dev/userfaultfd (kernel 6.1+).")
     hugepages: int = Field(0, ge=0, le=65536,
                            description="2M huge pages to reserve (hugetlbfs backing).")
@@ -175,20 +190,22 @@ class Lab(_Model):
 
     @field_validator("images", "vms")
     @classmethod
-    def _names(cls, v: dict) -> dict:
+    def _names(cls, v: dict, info: ValidationInfo) -> dict:
+        what = "image" if info.field_name == "images" else "VM"
         if not v:
-            raise ValueError("expected at least one entry")
+            raise ValueError(f"expected at least one {what}, got none")
         for name in v:
             if not re.fullmatch(r"[a-z0-9][a-z0-9_-]{0,31}", str(name)):
-                raise ValueError(f"expected a short lowercase name, got {name!r}")
+                raise _FieldProblem((info.field_name, name), name,
+                                    f"a short {what} name (lowercase letters, digits, "
+                                    f"_ and -, up to 32 characters)")
         return v
 
     @model_validator(mode="after")
     def _vm_images_exist(self) -> "Lab":
-        for vm_name, vm in self.vms.items():
-            if vm.image not in self.images:
-                raise _FieldProblem(("vms", vm_name, "image"), vm.image,
-                                    f"the name of an image ({', '.join(self.images)})")
+        problems = _missing_images(self.images, self.vms)
+        if problems:
+            raise problems[0]       # lab_from_dict reports every one of them
         return self
 
     # -- resolved paths -------------------------------------------------
@@ -229,9 +246,24 @@ class Lab(_Model):
 class _FieldProblem(ValueError):
     """A cross-field problem that knows the path it belongs to."""
 
-    def __init__(self, loc: tuple, value: Any, expected: str):
+    def __init__(self, loc: tuple, value: Any, expected: str, hint: str = ""):
         self.loc, self.value, self.expected = loc, value, expected
-        super().__init__(f"expected {expected}, got {value!r}")
+        super().__init__(" ".join(p for p in (f"expected {expected}, got {value!r}", hint) if p))
+
+
+def _missing_images(images: Any, vms: Any) -> list[_FieldProblem]:
+    """VMs naming an image that is not defined, from models or raw YAML data."""
+    if not isinstance(images, dict) or not isinstance(vms, dict):
+        return []
+    problems = []
+    for vm_name, vm in vms.items():
+        image = vm.get("image") if isinstance(vm, dict) else getattr(vm, "image", None)
+        if isinstance(image, str) and images and image not in images:
+            problems.append(_FieldProblem(
+                ("vms", vm_name, "image"), image,
+                f"the name of an image ({', '.join(map(str, images))})",
+                hint=_did_you_mean("", image, images).strip()))
+    return problems
 
 
 def _did_you_mean(msg: str, word: str, choices) -> str:
@@ -283,13 +315,29 @@ def _line_map(text: str) -> dict[tuple, int]:
     return lines
 
 
+# pydantic error type -> what was expected, in the lab's words
+_EXPECTED = {
+    "int_parsing": "a whole number", "int_type": "a whole number",
+    "int_from_float": "a whole number",
+    "float_parsing": "a number", "float_type": "a number",
+    "bool_parsing": "true or false", "bool_type": "true or false",
+    "string_type": "a string", "list_type": "a list",
+    "dict_type": "a mapping of names to entries",
+    "model_type": "a mapping of settings", "model_attributes_type": "a mapping of settings",
+    "greater_than_equal": "a number of at least {ge}", "less_than_equal": "a number of at most {le}",
+    "greater_than": "a number greater than {gt}", "less_than": "a number less than {lt}",
+    "string_pattern_mismatch": "text matching {pattern}",
+    "path_type": "a file path",
+}
+
+
 def _describe(err: dict, label: str, lines: dict[tuple, int]) -> str:
     loc = tuple(p for p in err["loc"] if not str(p).startswith(("function-", "constrained-")))
     ctx_err = (err.get("ctx") or {}).get("error")
     value = err.get("input")
     if isinstance(ctx_err, _FieldProblem):
         loc, value = ctx_err.loc, ctx_err.value
-        msg = f"expected {ctx_err.expected}, got {value!r}"
+        msg = str(ctx_err)
     elif err["type"] == "extra_forbidden":
         model = _model_at(loc[:-1])
         msg = f"unknown key {loc[-1]!r}"
@@ -297,14 +345,20 @@ def _describe(err: dict, label: str, lines: dict[tuple, int]) -> str:
             msg = _did_you_mean(msg, loc[-1], model.model_fields)
     elif err["type"] == "missing":
         msg = "required, but missing"
+        if loc[:-1] and len(loc) > 1:
+            msg += f" from {'.'.join(map(str, loc[:-1]))}"
     elif err["type"] == "value_error":
         msg = str(ctx_err) if ctx_err else err["msg"]
     elif err["type"] == "literal_error":
         msg = f"expected {err['ctx']['expected']}, got {value!r}"
+    elif err["type"] in _EXPECTED:
+        msg = f"expected {_EXPECTED[err['type']].format(**(err.get('ctx') or {}))}, got {value!r}"
     else:
         msg = f"{err['msg'][0].lower()}{err['msg'][1:]}, got {value!r}"
     path = ".".join(str(p) for p in loc) or "(top level)"
     line = lines.get(loc + ("<key>",)) or lines.get(loc)
+    if line is None and err["type"] == "missing":    # point at the entry that lacks it
+        line = lines.get(loc[:-1] + ("<key>",)) or lines.get(loc[:-1])
     where = f"{label}:{line}" if line else label
     return f"{where}: {path}: {msg}"
 
@@ -320,22 +374,44 @@ def load_lab(path: str | os.PathLike | None = None) -> Lab:
     try:
         data = yaml.safe_load(text)
     except yaml.YAMLError as e:
-        raise ConfigError([f"{label}: not valid YAML: {e}"]) from None
+        mark = getattr(e, "problem_mark", None)
+        where = f"{label}:{mark.line + 1}" if mark is not None else label
+        what = " ".join(str(x) for x in (getattr(e, "context", None),
+                                         getattr(e, "problem", None)) if x) or str(e)
+        col = f" (column {mark.column + 1})" if mark is not None else ""
+        raise ConfigError([f"{where}: not valid YAML: {' '.join(what.split())}{col}"]) from None
     return lab_from_dict(data, source=path, text=text)
 
 
 def lab_from_dict(data: Any, source: Path = Path("lab.yml"), text: str = "") -> Lab:
     label = str(source)
+    if data is None:
+        raise ConfigError([f"{label}: expected a mapping of lab settings "
+                           f"(images, vms, ...), got an empty file"])
     if not isinstance(data, dict):
-        raise ConfigError([f"{label}: expected a mapping of lab settings, "
-                           f"got {type(data).__name__}"])
+        raise ConfigError([f"{label}: expected a mapping of lab settings "
+                           f"(images, vms, ...), got a {type(data).__name__}: "
+                           f"{_short(data)}"])
     if "source" in data:
         raise ConfigError([f"{label}: source: unknown key 'source'"])
     try:
         return Lab.model_validate({**data, "source": source})
     except ValidationError as e:
         lines = _line_map(text)
-        raise ConfigError([_describe(err, label, lines) for err in e.errors()]) from None
+        problems = [_describe(err, label, lines) for err in e.errors()]
+        # a VM naming a missing image is checked only once every field is valid;
+        # say it now too, so one run lists every problem
+        for fp in _missing_images(data.get("images"), data.get("vms")):
+            msg = _describe({"type": "value_error", "loc": fp.loc, "input": fp.value,
+                             "ctx": {"error": fp}, "msg": str(fp)}, label, lines)
+            if msg not in problems:
+                problems.append(msg)
+        raise ConfigError(problems) from None
+
+
+def _short(value: Any, limit: int = 60) -> str:
+    text = repr(value)
+    return text if len(text) <= limit else text[:limit - 3] + "..."
 
 
 def option_help() -> list[tuple[str, str, str]]:
