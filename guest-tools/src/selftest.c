@@ -1,0 +1,210 @@
+/*
+ * selftest.c - `uffd-snapshot --self-test`: checks of the parts that need
+ * no kernel support: parsing, histogram, JSON, stamps, and above all the
+ * verifier, which must report every kind of damage done to a snapshot.
+ */
+#include "snapshot.h"
+
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+static int g_pass, g_fail;
+static struct json g_fails;
+
+#define CHECK(cond) check((cond), #cond, __LINE__)
+
+static void check(bool ok, const char *what, int line)
+{
+	char buf[256];
+
+	if (ok) {
+		g_pass++;
+		return;
+	}
+	g_fail++;
+	snprintf(buf, sizeof(buf), "line %d: %s", line, what);
+	j_str(&g_fails, NULL, buf);
+	fprintf(stderr, "uffd-snapshot self-test: FAILED %s\n", buf);
+}
+
+static void test_parse(void)
+{
+	uint64_t v = 0;
+	double d = 0;
+
+	CHECK(parse_size("64M", &v) && v == 64ULL << 20);
+	CHECK(parse_size("1G", &v) && v == 1ULL << 30);
+	CHECK(parse_size("2m", &v) && v == 2ULL << 20);
+	CHECK(parse_size("64MiB", &v) && v == 64ULL << 20);
+	CHECK(parse_size("4096", &v) && v == 4096);
+	CHECK(!parse_size("", &v));
+	CHECK(!parse_size("-1", &v));
+	CHECK(!parse_size("12X", &v));
+	CHECK(!parse_size("99999999999T", &v));
+	CHECK(parse_u64("42", &v) && v == 42);
+	CHECK(!parse_u64("4x", &v));
+	CHECK(!parse_u64("-4", &v));
+	CHECK(parse_double("0.5", &d) && d == 0.5);
+	CHECK(!parse_double("nan", &d));
+	CHECK(!parse_double("1e999", &d));
+}
+
+static void test_hist(void)
+{
+	struct hist h;
+	uint64_t p50, p99;
+
+	hist_init(&h);
+	for (uint64_t us = 1; us <= 1000; us++)
+		hist_add(&h, us * 1000);
+	p50 = hist_quantile(&h, 0.5);
+	p99 = hist_quantile(&h, 0.99);
+	CHECK(h.count == 1000 && h.max == 1000000);
+	CHECK(p50 > 440000 && p50 < 560000);
+	CHECK(p99 > 930000 && p99 <= 1000000);
+	CHECK(hist_quantile(&h, 1.0) <= h.max);
+	hist_init(&h);
+	hist_add(&h, 7);
+	CHECK(hist_quantile(&h, 0.5) == 7);
+}
+
+static void test_json(void)
+{
+	struct json j;
+
+	j_init(&j);
+	j_obj_open(&j, NULL);
+	j_str(&j, "a", "q\"\n\\");
+	j_arr_open(&j, "b");
+	j_int(&j, NULL, -1);
+	j_dbl(&j, NULL, 2.5);
+	j_null(&j, NULL);
+	j_arr_close(&j);
+	j_bool(&j, "c", true);
+	j_obj_close(&j);
+	CHECK(!strcmp(j.buf, "{\"a\":\"q\\\"\\u000a\\\\\",\"b\":[-1,2.5,null],\"c\":true}"));
+	j_free(&j);
+}
+
+static void test_stamp(void)
+{
+	struct stamp s;
+
+	stamp_make(&s, 3, HOW_STORE, 1, 77, 123);
+	CHECK(stamp_valid(&s, 77));
+	CHECK(!stamp_valid(&s, 78));
+	s.tail[2] ^= 1;
+	CHECK(!stamp_valid(&s, 77));
+}
+
+/* A tiny RAM of 64 pages, an exact copy as snapshot, then one kind of
+ * damage per page; the verifier must name each. */
+#define NP 64
+#define PS 4096
+
+static void write_stamp(uint8_t *ram, uint64_t p, uint16_t writer, uint16_t how, uint32_t epoch)
+{
+	stamp_make((struct stamp *)(ram + p * PS), writer, how, epoch, p, p + 1000);
+}
+
+static void test_verifier(bool copy_mode)
+{
+	uint8_t *ram = xcalloc(NP, PS), *snap = xcalloc(NP, PS), *ref = xcalloc(NP, PS);
+	uint8_t roles[3] = { ROLE_REGISTERED, ROLE_UNREGISTERED, ROLE_FORK_CHILD };
+	struct verify_in in = { .snap = snap, .ref = copy_mode ? ref : NULL, .psz = PS,
+				.npages = NP, .prefilled = true, .arm_epoch = 1,
+				.roles = roles, .nroles = 3, .punch_first = 20, .punch_pages = 4 };
+	struct verify_out out;
+
+	for (uint64_t p = 0; p < NP; p++)
+		page_prefill(ram + p * PS, PS, p);
+	for (uint64_t p = 0; p < NP; p += 3)
+		write_stamp(ram, p, 0, HOW_STORE, 0);      /* writes before the instant */
+	memcpy(ref, ram, NP * PS);                      /* RAM at the instant */
+	memcpy(snap, ram, NP * PS);
+	verify_snapshot(&in, &out);
+	CHECK(out.mismatched == 0);
+
+	/* damage, one cause per page */
+	write_stamp(snap, 1, 0, HOW_STORE, 1);           /* wp-missed */
+	write_stamp(snap, 2, 1, HOW_STORE, 1);           /* unregistered */
+	write_stamp(snap, 4, 2, HOW_STORE, 1);           /* fork-child */
+	write_stamp(snap, 5, 0, HOW_PWRITE, 1);          /* fd-write */
+	write_stamp(snap, 7, 0, HOW_KREAD, 1);           /* kernel-write */
+	memset(snap + 21 * PS, 0, PS);                   /* punch-hole */
+	memset(snap + 30 * PS, 0, PS);                   /* zeroed */
+	snap[40 * PS + 100] ^= 1;                        /* invalid-content */
+	verify_snapshot(&in, &out);
+	CHECK(out.mismatched == 8);
+	CHECK(out.by_cause[CAUSE_WP_MISSED] == 1);
+	CHECK(out.by_cause[CAUSE_UNREGISTERED] == 1);
+	CHECK(out.by_cause[CAUSE_FORK_CHILD] == 1);
+	CHECK(out.by_cause[CAUSE_FD_WRITE] == 1);
+	CHECK(out.by_cause[CAUSE_KERNEL_WRITE] == 1);
+	CHECK(out.by_cause[CAUSE_PUNCH_HOLE] == 1);
+	CHECK(out.by_cause[CAUSE_ZEROED] == 1);
+	CHECK(out.by_cause[CAUSE_INVALID] == 1);
+	in.staggered = true;
+	verify_snapshot(&in, &out);
+	CHECK(out.by_cause[CAUSE_STAGGERED] == 1 && out.by_cause[CAUSE_WP_MISSED] == 0);
+	in.staggered = false;
+
+	/* --corrupt-snapshot on a clean copy: exactly N invalid pages */
+	memcpy(snap, ram, NP * PS);
+	corrupt_snapshot(snap, PS, NP, 5);
+	verify_snapshot(&in, &out);
+	CHECK(out.mismatched == 5 && out.by_cause[CAUSE_INVALID] == 5);
+
+	if (copy_mode) {
+		/* stale: the instant saw a write the snapshot does not have */
+		memcpy(snap, ram, NP * PS);
+		write_stamp(ref, 9, 0, HOW_PWRITE, 0);
+		write_stamp(ref, 10, 0, HOW_STORE, 0);
+		verify_snapshot(&in, &out);
+		CHECK(out.mismatched == 2 && out.by_cause[CAUSE_FD_WRITE] == 1 &&
+		      out.by_cause[CAUSE_STALE] == 1);
+	} else {
+		/* not prefilled: zero pages are right exactly where nothing was written */
+		uint64_t written[1] = { 0 };
+
+		memset(ram, 0, NP * PS);
+		write_stamp(ram, 3, 0, HOW_STORE, 0);
+		written[0] = 1ULL << 3;
+		memcpy(snap, ram, NP * PS);
+		in.prefilled = false;
+		in.written = written;
+		verify_snapshot(&in, &out);
+		CHECK(out.mismatched == 0);
+		memset(snap + 3 * PS, 0, PS);
+		verify_snapshot(&in, &out);
+		CHECK(out.mismatched == 1 && out.by_cause[CAUSE_ZEROED] == 1);
+	}
+	free(ram);
+	free(snap);
+	free(ref);
+}
+
+int self_test(void)
+{
+	struct json j;
+
+	j_init(&g_fails);
+	test_parse();
+	test_hist();
+	test_json();
+	test_stamp();
+	test_verifier(false);
+	test_verifier(true);
+	j_init(&j);
+	j_obj_open(&j, NULL);
+	j_str(&j, "type", "self-test");
+	j_str(&j, "tool", "uffd-snapshot");
+	j_int(&j, "passed", g_pass);
+	j_int(&j, "failed", g_fail);
+	j_obj_close(&j);
+	json_emit(&j);
+	j_free(&j);
+	j_free(&g_fails);
+	return g_fail ? EXIT_RUNTIME : EXIT_RAN;
+}

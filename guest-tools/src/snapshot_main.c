@@ -1,0 +1,307 @@
+/*
+ * uffd-snapshot - multi-process uffd-wp background snapshot of guest RAM,
+ * measured and verified.  This file: command line and self-test.
+ * See README.md for flags, scenarios and the JSON Lines schema.
+ */
+#include "snapshot.h"
+
+#include <getopt.h>
+#include <inttypes.h>
+#include <math.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <unistd.h>
+
+const char *strategy_name(enum strategy s)
+{
+	static const char *const n[] = { "stop-the-world", "uffd-wp", "uffd-wp-staggered", "async-scan" };
+	return n[s];
+}
+const char *backing_name(enum backing b)
+{
+	static const char *const n[] = { "memfd", "shmem", "hugetlbfs", "anon" };
+	return n[b];
+}
+const char *pattern_name(enum pattern p)
+{
+	static const char *const n[] = { "uniform", "sequential", "hot" };
+	return n[p];
+}
+const char *kwrite_name(enum kwrite k)
+{
+	static const char *const n[] = { "none", "read", "process_vm_writev" };
+	return n[k];
+}
+const char *vmode_name(enum vmode v)
+{
+	static const char *const n[] = { "off", "stamp", "copy" };
+	return n[v];
+}
+
+static void usage(FILE *f)
+{
+	fprintf(f,
+"usage: uffd-snapshot [options]\n"
+"  --strategy stop-the-world|uffd-wp|uffd-wp-staggered|async-scan  (uffd-wp)\n"
+"  --backing memfd|shmem|hugetlbfs|anon       guest RAM backing (memfd)\n"
+"  --size SIZE                                RAM size, e.g. 64M, 1G (64M)\n"
+"  --writers N                                writer processes, 1..64 (1)\n"
+"  --pattern uniform|sequential|hot:FRACTION  page choice (uniform)\n"
+"  --rate OPS|max                             combined page writes/s of all writers (max)\n"
+"  --duration SECONDS                         writers run this long (1)\n"
+"  --warmup SECONDS                           writing before the snapshot starts (min(0.2, duration/4))\n"
+"  --timeout SECONDS                          hard limit for the whole run (duration + 60)\n"
+"  --populate yes|no                          writers fault all RAM in before arming (no)\n"
+"  --prefill yes|no                           coordinator writes every page first (yes)\n"
+"  --prearm yes|no                            uffd-wp: protect while running, short final pause (yes)\n"
+"  --unregistered K                           the last K writers map RAM but never register (0)\n"
+"  --fd-writes                                writer 0 writes with pwrite() on the fd\n"
+"  --punch-hole                               writer 0 punches %d pages after the instant\n"
+"  --fork-child                               writer 0 forks a child that writes (no EVENT_FORK)\n"
+"  --kernel-writes read|process_vm_writev     writer 0 writes through the kernel\n"
+"  --uffd-source syscall|syscall-user-only|devuserfaultfd  (syscall)\n"
+"  --zap-after-arm                            writer 0 MADV_DONTNEEDs %d pages after the instant, then writes them\n"
+"  --verify[=stamp|copy]                      check the snapshot against RAM at the instant\n"
+"  --corrupt-snapshot N                       damage N snapshot pages before verifying (verifier self-check)\n"
+"  --seed N                                   random seed (1)\n"
+"  --progress-ms MS                           progress record interval (200)\n"
+"  --stagger-ms MS                            uffd-wp-staggered: delay before arming each writer (2)\n"
+"  --scan-rounds N                            async-scan: rescans before the final pause (5)\n"
+"  --self-test                                run internal checks and exit\n",
+		INJECT_PAGES, INJECT_PAGES);
+}
+
+/* ---- value parsers: each dies with a message naming flag, value, expectation ---- */
+
+static int parse_choice(const char *flag, const char *v, const char *const *names, int n)
+{
+	char expect[256] = "";
+
+	for (int i = 0; i < n; i++)
+		if (!strcmp(v, names[i]))
+			return i;
+	for (int i = 0; i < n; i++) {
+		strncat(expect, names[i], sizeof(expect) - strlen(expect) - 1);
+		if (i + 1 < n)
+			strncat(expect, i + 2 == n ? " or " : ", ", sizeof(expect) - strlen(expect) - 1);
+	}
+	die_usage(flag, "%s: got '%s', expected %s", flag, v, expect);
+}
+
+static bool parse_yes_no(const char *flag, const char *v)
+{
+	static const char *const yn[] = { "no", "yes" };
+
+	return parse_choice(flag, v, yn, 2) == 1;
+}
+
+static uint64_t parse_int_range(const char *flag, const char *v, uint64_t lo, uint64_t hi)
+{
+	uint64_t x;
+
+	if (!parse_u64(v, &x) || x < lo || x > hi)
+		die_usage(flag, "%s: got '%s', expected an integer from %" PRIu64 " to %" PRIu64,
+			  flag, v, lo, hi);
+	return x;
+}
+
+static double parse_real_range(const char *flag, const char *v, double lo, double hi,
+			       bool lo_open)
+{
+	double x;
+
+	if (!parse_double(v, &x) || (lo_open ? x <= lo : x < lo) || x > hi)
+		die_usage(flag, "%s: got '%s', expected a number %s %g and <= %g",
+			  flag, v, lo_open ? ">" : ">=", lo, hi);
+	return x;
+}
+
+static void parse_pattern(struct opts *o, const char *v)
+{
+	if (!strcmp(v, "uniform")) {
+		o->pattern = PAT_UNIFORM;
+	} else if (!strcmp(v, "sequential")) {
+		o->pattern = PAT_SEQUENTIAL;
+	} else if (!strncmp(v, "hot:", 4)) {
+		double f;
+
+		if (!parse_double(v + 4, &f) || f <= 0 || f > 1)
+			die_usage("--pattern", "--pattern: got '%s', expected hot:FRACTION with 0 < FRACTION <= 1, e.g. hot:0.1", v);
+		o->pattern = PAT_HOT;
+		o->hot_fraction = f;
+	} else {
+		die_usage("--pattern", "--pattern: got '%s', expected uniform, sequential or hot:FRACTION", v);
+	}
+}
+
+enum {
+	OPT_STRATEGY = 256, OPT_BACKING, OPT_SIZE, OPT_WRITERS, OPT_PATTERN, OPT_RATE,
+	OPT_DURATION, OPT_WARMUP, OPT_TIMEOUT, OPT_POPULATE, OPT_PREFILL, OPT_PREARM,
+	OPT_UNREG, OPT_FDW, OPT_PUNCH, OPT_FORK, OPT_KW, OPT_SRC, OPT_ZAP, OPT_VERIFY,
+	OPT_SEED, OPT_CORRUPT, OPT_PROGRESS, OPT_STAGGER, OPT_ROUNDS, OPT_SELFTEST, OPT_HELP,
+};
+
+static const struct option long_opts[] = {
+	{ "strategy", required_argument, NULL, OPT_STRATEGY },
+	{ "backing", required_argument, NULL, OPT_BACKING },
+	{ "size", required_argument, NULL, OPT_SIZE },
+	{ "writers", required_argument, NULL, OPT_WRITERS },
+	{ "pattern", required_argument, NULL, OPT_PATTERN },
+	{ "rate", required_argument, NULL, OPT_RATE },
+	{ "duration", required_argument, NULL, OPT_DURATION },
+	{ "warmup", required_argument, NULL, OPT_WARMUP },
+	{ "timeout", required_argument, NULL, OPT_TIMEOUT },
+	{ "populate", required_argument, NULL, OPT_POPULATE },
+	{ "prefill", required_argument, NULL, OPT_PREFILL },
+	{ "prearm", required_argument, NULL, OPT_PREARM },
+	{ "unregistered", required_argument, NULL, OPT_UNREG },
+	{ "fd-writes", no_argument, NULL, OPT_FDW },
+	{ "punch-hole", no_argument, NULL, OPT_PUNCH },
+	{ "fork-child", no_argument, NULL, OPT_FORK },
+	{ "kernel-writes", required_argument, NULL, OPT_KW },
+	{ "uffd-source", required_argument, NULL, OPT_SRC },
+	{ "zap-after-arm", no_argument, NULL, OPT_ZAP },
+	{ "verify", optional_argument, NULL, OPT_VERIFY },
+	{ "seed", required_argument, NULL, OPT_SEED },
+	{ "corrupt-snapshot", required_argument, NULL, OPT_CORRUPT },
+	{ "progress-ms", required_argument, NULL, OPT_PROGRESS },
+	{ "stagger-ms", required_argument, NULL, OPT_STAGGER },
+	{ "scan-rounds", required_argument, NULL, OPT_ROUNDS },
+	{ "self-test", no_argument, NULL, OPT_SELFTEST },
+	{ "help", no_argument, NULL, OPT_HELP },
+	{ NULL, 0, NULL, 0 },
+};
+
+/* Flags that need a shared backing or writer 0's fd. */
+static void check_combinations(struct opts *o, bool timeout_set, bool warmup_set)
+{
+	if (o->backing == B_ANON) {
+		const char *flag = o->fd_writes ? "--fd-writes" : o->punch_hole ? "--punch-hole" :
+				   o->fork_child ? "--fork-child" : o->unregistered ? "--unregistered" : NULL;
+
+		if (flag)
+			die_usage(flag, "%s needs a shared backing (memfd, shmem or hugetlbfs): with "
+				  "--backing anon the writers are threads of one process", flag);
+	}
+	if (o->backing == B_HUGETLBFS && o->fd_writes)
+		die_usage("--fd-writes", "--fd-writes: hugetlbfs files do not support write(2); use memfd or shmem");
+	if (o->fd_writes && o->kernel_writes != KW_NONE)
+		die_usage("--kernel-writes", "--kernel-writes and --fd-writes both change how writer 0 writes: pick one");
+	if (o->unregistered > o->writers)
+		die_usage("--unregistered", "--unregistered: got %d, expected at most --writers (%d)",
+			  o->unregistered, o->writers);
+	if (o->corrupt && o->verify == V_OFF)
+		die_usage("--corrupt-snapshot", "--corrupt-snapshot needs --verify (it checks the verifier)");
+	if (o->corrupt && o->corrupt > o->size / 4096)
+		die_usage("--corrupt-snapshot", "--corrupt-snapshot: got %" PRIu64 ", expected at most the number of pages",
+			  o->corrupt);
+	if (!warmup_set)
+		o->warmup = fmin(0.2, o->duration / 4);
+	if (o->warmup >= o->duration)
+		die_usage("--warmup", "--warmup: got %g, expected less than --duration (%g)",
+			  o->warmup, o->duration);
+	if (!timeout_set)
+		o->timeout = o->duration + 60;
+	if (o->timeout <= o->duration)
+		die_usage("--timeout", "--timeout: got %g, expected more than --duration (%g)",
+			  o->timeout, o->duration);
+	/* async copies before the instant: only a reference copy can judge it */
+	if (o->strategy == ST_ASYNC && o->verify == V_STAMP)
+		o->verify = V_COPY;
+}
+
+static void check_size(struct opts *o)
+{
+	long psz = o->backing == B_HUGETLBFS ? meminfo_value("Hugepagesize") * 1024
+					      : sysconf(_SC_PAGESIZE);
+	long avail_kb = meminfo_value("MemAvailable");
+	uint64_t copies = o->verify == V_COPY ? 3 : 2;   /* RAM + snapshot (+ reference) */
+	char buf[32];
+
+	if (psz <= 0)
+		die_usage("--backing", "--backing hugetlbfs: this kernel reports no huge page size");
+	format_size(o->size, buf, sizeof(buf));
+	if (o->size < (uint64_t)psz * 16 || o->size % (uint64_t)psz)
+		die_usage("--size", "--size: got '%s', expected a multiple of the page size (%ld) "
+			  "and at least 16 pages", buf, psz);
+	if (o->size / (uint64_t)psz > UINT32_MAX)
+		die_usage("--size", "--size: got '%s', expected at most 2^32 pages", buf);
+	if (avail_kb > 0 && o->size * copies > (uint64_t)avail_kb * 1024)
+		die_usage("--size", "--size: got '%s', but %" PRIu64 " copies of it exceed MemAvailable (%ld kB)",
+			  buf, copies, avail_kb);
+}
+
+static void parse_args(int argc, char **argv, struct opts *o)
+{
+	static const char *const strategies[] = { "stop-the-world", "uffd-wp", "uffd-wp-staggered", "async-scan" };
+	static const char *const backings[] = { "memfd", "shmem", "hugetlbfs", "anon" };
+	static const char *const kws[] = { "none", "read", "process_vm_writev" };
+	static const char *const srcs[] = { "syscall", "syscall-user-only", "devuserfaultfd" };
+	static const char *const vms[] = { "off", "stamp", "copy" };
+	bool timeout_set = false, warmup_set = false;
+	char flag[64];
+	int c;
+
+	*o = (struct opts){ .strategy = ST_WP, .backing = B_MEMFD, .size = 64ULL << 20,
+			    .writers = 1, .pattern = PAT_UNIFORM, .rate = 0, .duration = 1,
+			    .prefill = true, .prearm = true, .seed = 1, .progress_ms = 200,
+			    .stagger_ms = 2, .scan_rounds = 5 };
+	opterr = 0;
+	while ((c = getopt_long(argc, argv, ":", long_opts, NULL)) != -1) {
+		snprintf(flag, sizeof(flag), "--%s",
+			 c >= OPT_STRATEGY && c <= OPT_HELP ? long_opts[c - OPT_STRATEGY].name : "?");
+		switch (c) {
+		case OPT_STRATEGY: o->strategy = parse_choice(flag, optarg, strategies, 4); break;
+		case OPT_BACKING: o->backing = parse_choice(flag, optarg, backings, 4); break;
+		case OPT_SIZE:
+			if (!parse_size(optarg, &o->size))
+				die_usage(flag, "--size: got '%s', expected a size like 64M or 1G", optarg);
+			break;
+		case OPT_WRITERS: o->writers = (int)parse_int_range(flag, optarg, 1, MAX_WRITERS); break;
+		case OPT_PATTERN: parse_pattern(o, optarg); break;
+		case OPT_RATE:
+			o->rate = !strcmp(optarg, "max") ? 0 : parse_real_range(flag, optarg, 0, 1e9, true);
+			break;
+		case OPT_DURATION: o->duration = parse_real_range(flag, optarg, 0.05, 86400, false); break;
+		case OPT_WARMUP: o->warmup = parse_real_range(flag, optarg, 0, 86400, false); warmup_set = true; break;
+		case OPT_TIMEOUT: o->timeout = parse_real_range(flag, optarg, 1, 86400, false); timeout_set = true; break;
+		case OPT_POPULATE: o->populate = parse_yes_no(flag, optarg); break;
+		case OPT_PREFILL: o->prefill = parse_yes_no(flag, optarg); break;
+		case OPT_PREARM: o->prearm = parse_yes_no(flag, optarg); break;
+		case OPT_UNREG: o->unregistered = (int)parse_int_range(flag, optarg, 0, MAX_WRITERS); break;
+		case OPT_FDW: o->fd_writes = true; break;
+		case OPT_PUNCH: o->punch_hole = true; break;
+		case OPT_FORK: o->fork_child = true; break;
+		case OPT_KW: o->kernel_writes = parse_choice(flag, optarg, kws, 3); break;
+		case OPT_SRC: o->uffd_source = parse_choice(flag, optarg, srcs, 3); break;
+		case OPT_ZAP: o->zap_after_arm = true; break;
+		case OPT_VERIFY: o->verify = optarg ? parse_choice(flag, optarg, vms, 3) : V_STAMP; break;
+		case OPT_SEED: o->seed = parse_int_range(flag, optarg, 0, UINT64_MAX); break;
+		case OPT_CORRUPT: o->corrupt = parse_int_range(flag, optarg, 1, UINT32_MAX); break;
+		case OPT_PROGRESS: o->progress_ms = (int)parse_int_range(flag, optarg, 10, 60000); break;
+		case OPT_STAGGER: o->stagger_ms = parse_real_range(flag, optarg, 0, 10000, false); break;
+		case OPT_ROUNDS: o->scan_rounds = (int)parse_int_range(flag, optarg, 1, 64); break;
+		case OPT_SELFTEST: exit(self_test()); break;
+		case OPT_HELP: usage(stdout); exit(0); break;
+		case ':':
+			die_usage(argv[optind - 1], "%s needs a value (see --help)", argv[optind - 1]);
+		default:
+			die_usage(argv[optind - 1], "unknown option '%s' (see --help)", argv[optind - 1]);
+		}
+	}
+	if (optind < argc)
+		die_usage(argv[optind], "unexpected argument '%s' (see --help)", argv[optind]);
+	check_combinations(o, timeout_set, warmup_set);
+	check_size(o);
+}
+
+int main(int argc, char **argv)
+{
+	struct opts o;
+
+	g_tool = "uffd-snapshot";
+	setvbuf(stdout, NULL, _IOLBF, 0);
+	parse_args(argc, argv, &o);
+	return coord_run(&o);
+}
