@@ -1059,6 +1059,37 @@ static void verify(struct coord *c, struct verify_out *v)
 
 /* ---- the run ---- */
 
+static void coord_free(struct coord *c)
+{
+	for (int i = 0; i < c->nproc; i++) {
+		struct proc *p = &c->proc[i];
+
+		if (p->uffd >= 0)
+			close(p->uffd);
+		if (p->pagemap_fd >= 0)
+			close(p->pagemap_fd);
+		free(p->dirty);
+		pthread_mutex_destroy(&p->lock);
+	}
+	for (int i = 0; c->o->backing != B_ANON && i < c->o->writers; i++)
+		close(c->sock[i]);
+	if (c->o->backing == B_ANON && c->wctx[0].pipefd[0] >= 0) {
+		close(c->wctx[0].pipefd[0]);
+		close(c->wctx[0].pipefd[1]);
+	}
+	munmap(c->ram, c->size);
+	munmap(c->snap, c->size);
+	if (c->ref)
+		munmap(c->ref, c->size);
+	munmap(c->ctl, c->ctl_size);
+	if (c->fd >= 0)
+		close(c->fd);
+	free((void *)c->pstate);
+	free(c->scan_bits);
+	free(c->written_at_instant);
+	free(c);
+}
+
 int coord_run(struct opts *o)
 {
 	struct coord *c = xcalloc(1, sizeof(*c));
@@ -1111,5 +1142,6 @@ int coord_run(struct opts *o)
 	emit_summary(c, &v);
 	util_set_cleanup(NULL);
 	g_coord = NULL;
+	coord_free(c);
 	return EXIT_RAN;
 }

@@ -211,7 +211,7 @@ static void check_combinations(struct opts *o, bool timeout_set, bool warmup_set
 		o->verify = V_COPY;
 }
 
-static void check_size(struct opts *o)
+static void check_size(struct opts *o, const char *arg)
 {
 	long psz = o->backing == B_HUGETLBFS ? meminfo_value("Hugepagesize") * 1024
 					      : sysconf(_SC_PAGESIZE);
@@ -219,9 +219,12 @@ static void check_size(struct opts *o)
 	uint64_t copies = o->verify == V_COPY ? 3 : 2;   /* RAM + snapshot (+ reference) */
 	char buf[32];
 
+	if (arg)
+		snprintf(buf, sizeof(buf), "%s", arg);
+	else
+		format_size(o->size, buf, sizeof(buf));
 	if (psz <= 0)
 		die_usage("--backing", "--backing hugetlbfs: this kernel reports no huge page size");
-	format_size(o->size, buf, sizeof(buf));
 	if (o->size < (uint64_t)psz * 16 || o->size % (uint64_t)psz)
 		die_usage("--size", "--size: got '%s', expected a multiple of the page size (%ld) "
 			  "and at least 16 pages", buf, psz);
@@ -240,6 +243,7 @@ static void parse_args(int argc, char **argv, struct opts *o)
 	static const char *const srcs[] = { "syscall", "syscall-user-only", "devuserfaultfd" };
 	static const char *const vms[] = { "off", "stamp", "copy" };
 	bool timeout_set = false, warmup_set = false;
+	const char *size_arg = NULL;
 	char flag[64];
 	int c;
 
@@ -255,6 +259,7 @@ static void parse_args(int argc, char **argv, struct opts *o)
 		case OPT_STRATEGY: o->strategy = parse_choice(flag, optarg, strategies, 4); break;
 		case OPT_BACKING: o->backing = parse_choice(flag, optarg, backings, 4); break;
 		case OPT_SIZE:
+			size_arg = optarg;
 			if (!parse_size(optarg, &o->size))
 				die_usage(flag, "--size: got '%s', expected a size like 64M or 1G", optarg);
 			break;
@@ -265,7 +270,7 @@ static void parse_args(int argc, char **argv, struct opts *o)
 			break;
 		case OPT_DURATION: o->duration = parse_real_range(flag, optarg, 0.05, 86400, false); break;
 		case OPT_WARMUP: o->warmup = parse_real_range(flag, optarg, 0, 86400, false); warmup_set = true; break;
-		case OPT_TIMEOUT: o->timeout = parse_real_range(flag, optarg, 1, 86400, false); timeout_set = true; break;
+		case OPT_TIMEOUT: o->timeout = parse_real_range(flag, optarg, 0.1, 86400, false); timeout_set = true; break;
 		case OPT_POPULATE: o->populate = parse_yes_no(flag, optarg); break;
 		case OPT_PREFILL: o->prefill = parse_yes_no(flag, optarg); break;
 		case OPT_PREARM: o->prearm = parse_yes_no(flag, optarg); break;
@@ -293,7 +298,7 @@ static void parse_args(int argc, char **argv, struct opts *o)
 	if (optind < argc)
 		die_usage(argv[optind], "unexpected argument '%s' (see --help)", argv[optind]);
 	check_combinations(o, timeout_set, warmup_set);
-	check_size(o);
+	check_size(o, size_arg);
 }
 
 int main(int argc, char **argv)

@@ -182,7 +182,8 @@ static uint64_t reprotect_dirty(struct coord *c)
 		p->dirty = NULL;
 		p->ndirty = p->cap = 0;
 		pthread_mutex_unlock(&p->lock);
-		qsort(pages, n, sizeof(*pages), cmp_u32);
+		if (n)
+			qsort(pages, n, sizeof(*pages), cmp_u32);
 		for (size_t k = 0; k < n;) {
 			size_t e = k + 1;
 
@@ -322,6 +323,7 @@ static void strategy_wp(struct coord *c)
 		reprotect_dirty(c);
 	else
 		arm_all(c, true);
+
 	take_instant(c);
 	atomic_store(&c->phase, PH_ARMED);
 	timed_resume(c, t0);
