@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import json
+import logging
 import os
 import signal
 import socket
@@ -29,7 +30,9 @@ from .keeper import cleanup
 from .qemu import QemuCommand
 from .ssh import Session, port_open
 
-PANIC_MARKERS = ("Kernel panic", "end Kernel panic")
+# qemu.qmp logs every refused connect at ERROR; polling a booting VM expects them.
+logging.getLogger("qemu.qmp").setLevel(logging.CRITICAL)
+PANIC_MARKER = "Kernel panic - not syncing"
 
 
 class VMError(Exception):
@@ -207,6 +210,8 @@ class VM(Emitter):
         port = free_port()
         cmd = self.command(choice.accel, port)
         self.dir.mkdir(parents=True, exist_ok=True)
+        # the previous boot's log must not speak for this one
+        (self.dir.parent / f"{self.name}.serial.log").unlink(missing_ok=True)
         started = time.time()
         keeper = None
         try:
@@ -247,15 +252,16 @@ class VM(Emitter):
     def _wait_for_ssh(self, st: VMState, keeper: subprocess.Popen) -> None:
         deadline = time.monotonic() + self.spec.boot_timeout
         while True:
+            panic = _panic_line(_tail(self.serial_log, 200))
+            if panic:
+                raise VMError(f"the guest kernel panicked: {panic}\nlast serial lines:\n"
+                              f"{self.serial_tail()}")
             if keeper.poll() is not None or not pid_alive(st.qemu_pid):
                 qlog = _tail(self.dir / "qemu.log", 10)
                 if "host forwarding rule" in qlog:
                     raise _PortTaken()
                 raise VMError(f"QEMU exited during boot:\n{qlog}\n"
                               f"last serial lines:\n{self.serial_tail()}")
-            if any(m in _tail(self.dir / "serial.log", 60) for m in PANIC_MARKERS):
-                raise VMError(f"the guest kernel panicked; last serial lines:\n"
-                              f"{self.serial_tail()}")
             if self._internal_error():
                 raise VMError("QEMU reports 'internal-error' (KVM internal error); "
                               "set accel: tcg or auto")
@@ -334,6 +340,13 @@ class VM(Emitter):
 
 class _PortTaken(Exception):
     pass
+
+
+def _panic_line(serial: str) -> str | None:
+    for line in serial.splitlines():
+        if PANIC_MARKER in line and "end Kernel panic" not in line:
+            return line.strip()
+    return None
 
 
 def _tail(path: Path, n: int) -> str:
