@@ -179,19 +179,19 @@ def fmt_s(values: list[float] | None) -> str:
     if not values:
         return "skipped"
     v = statistics.median(values)
-    return f"{v:.2f} s" if v < 10 else f"{v:.1f} s"
+    return f"{v * 1000:.1f} ms" if v < 0.1 else f"{v:.2f} s" if v < 10 else f"{v:.1f} s"
 
 
 def runs(values: list[float] | None) -> str:
-    return ", ".join(f"{v:.2f}" if v < 10 else f"{v:.1f}" for v in values or [])
+    return ", ".join(f"{v:.3f}" if v < 0.1 else f"{v:.2f}" if v < 10 else f"{v:.1f}"
+                     for v in values or [])
 
 
 def print_table(rows: list[list[str]]) -> None:
     headers = ["figure", "median", "runs (s)", "target", "verdict"]
     widths = [max(len(r[i]) for r in [headers, *rows]) for i in range(len(headers))]
-    line = "+".join("-" * (w + 2) for w in widths)
     print("  ".join(h.ljust(w) for h, w in zip(headers, widths)).rstrip())
-    print(line.replace("+", "  "))
+    print("  ".join("-" * w for w in widths))
     for r in rows:
         print("  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip())
 
