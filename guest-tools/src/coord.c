@@ -891,6 +891,48 @@ static void emit_injections(struct json *j, struct coord *c)
 	j_obj_close(j);
 }
 
+/* The word that decided a mismatch, decoded. */
+static void emit_word(struct json *j, const char *key, const uint8_t *page, uint64_t p, int word)
+{
+	uint64_t w = ((const uint64_t *)page)[word];
+	struct stamp s;
+	char hex[24];
+
+	j_obj_open(j, key);
+	snprintf(hex, sizeof(hex), "0x%016llx", (unsigned long long)w);
+	j_str(j, "raw", hex);
+	if (word < STAMP_SLOTS && stamp_decode(w, p, (unsigned)word, &s)) {
+		j_uint(j, "epoch", s.epoch);
+		j_uint(j, "how", s.how);
+		j_uint(j, "seq", s.seq);
+	}
+	j_obj_close(j);
+}
+
+/* What the first mismatched pages hold: enough to tell corruption from a
+ * late write without rerunning. */
+static void emit_samples(struct json *j, struct coord *c, const struct verify_out *v)
+{
+	j_arr_open(j, "mismatch_samples");
+	for (unsigned k = 0; k < v->nfirst && k < 4; k++) {
+		uint64_t p = v->first_bad[k];
+		const uint8_t *pg = c->snap + p * c->psz;
+
+		j_obj_open(j, NULL);
+		j_uint(j, "page", p);
+		j_str(j, "cause", cause_names[v->first_cause[k]]);
+		j_bool(j, "zero", page_is_zero(pg, c->psz));
+		if (v->first_word[k] >= 0) {
+			j_int(j, "word", v->first_word[k]);
+			emit_word(j, "snapshot", pg, p, v->first_word[k]);
+			if (c->ref)
+				emit_word(j, "reference", c->ref + p * c->psz, p, v->first_word[k]);
+		}
+		j_obj_close(j);
+	}
+	j_arr_close(j);
+}
+
 static void emit_summary(struct coord *c, const struct verify_out *v)
 {
 	struct opts *o = c->o;
@@ -1015,6 +1057,7 @@ static void emit_summary(struct coord *c, const struct verify_out *v)
 		for (unsigned k = 0; k < v->nfirst; k++)
 			j_uint(&j, NULL, v->first_bad[k]);
 		j_arr_close(&j);
+		emit_samples(&j, c, v);
 	}
 	j_dbl(&j, "verify_ms", ns_to_ms(c->verify_ns));
 	j_dbl(&j, "verify_ref_ms", ns_to_ms(c->ref_ns));

@@ -89,13 +89,16 @@ static void test_json(void)
 
 static void test_stamp(void)
 {
+	uint64_t w = stamp_word(77, 3, HOW_PWRITE, 1, 123);
 	struct stamp s;
 
-	stamp_make(&s, 3, HOW_STORE, 1, 77, 123);
-	CHECK(stamp_valid(&s, 77));
-	CHECK(!stamp_valid(&s, 78));
-	s.tail[2] ^= 1;
-	CHECK(!stamp_valid(&s, 77));
+	CHECK(stamp_decode(w, 77, 3, &s) && s.how == HOW_PWRITE && s.epoch == 1 && s.seq == 123);
+	CHECK(!stamp_decode(w, 78, 3, &s));          /* another page */
+	CHECK(!stamp_decode(w, 77, 4, &s));          /* another slot */
+	CHECK(!stamp_decode(w ^ (1ULL << 60), 77, 3, &s));
+	CHECK(!stamp_decode(w ^ 1, 77, 3, &s));
+	CHECK(!stamp_decode(0, 77, 3, &s));
+	CHECK(page_pattern_word(5, 9, true) != 0 && page_pattern_word(5, 9, false) == 0);
 }
 
 /* A tiny RAM of 64 pages, an exact copy as snapshot, then one kind of
@@ -103,9 +106,9 @@ static void test_stamp(void)
 #define NP 64
 #define PS 4096
 
-static void write_stamp(uint8_t *ram, uint64_t p, uint16_t writer, uint16_t how, uint32_t epoch)
+static void write_stamp(uint8_t *ram, uint64_t p, unsigned writer, unsigned how, unsigned epoch)
 {
-	stamp_make((struct stamp *)(ram + p * PS), writer, how, epoch, p, p + 1000);
+	((uint64_t *)(ram + p * PS))[writer] = stamp_word(p, writer, how, epoch, p + 1000);
 }
 
 static void test_verifier(bool copy_mode)
@@ -119,8 +122,10 @@ static void test_verifier(bool copy_mode)
 
 	for (uint64_t p = 0; p < NP; p++)
 		page_prefill(ram + p * PS, PS, p);
-	for (uint64_t p = 0; p < NP; p += 3)
+	for (uint64_t p = 0; p < NP; p += 3) {
 		write_stamp(ram, p, 0, HOW_STORE, 0);      /* writes before the instant */
+		write_stamp(ram, p, 1, HOW_STORE, 0);
+	}
 	memcpy(ref, ram, NP * PS);                      /* RAM at the instant */
 	memcpy(snap, ram, NP * PS);
 	verify_snapshot(&in, &out);
@@ -134,9 +139,10 @@ static void test_verifier(bool copy_mode)
 	write_stamp(snap, 7, 0, HOW_KREAD, 1);           /* kernel-write */
 	memset(snap + 21 * PS, 0, PS);                   /* punch-hole */
 	memset(snap + 30 * PS, 0, PS);                   /* zeroed */
-	snap[40 * PS + 100] ^= 1;                        /* invalid-content */
+	snap[40 * PS + 1000] ^= 1;                       /* invalid-content: body */
+	memcpy(snap + 41 * PS, snap + 42 * PS, 8);       /* invalid-content: misplaced stamp */
 	verify_snapshot(&in, &out);
-	CHECK(out.mismatched == 8);
+	CHECK(out.mismatched == 9);
 	CHECK(out.by_cause[CAUSE_WP_MISSED] == 1);
 	CHECK(out.by_cause[CAUSE_UNREGISTERED] == 1);
 	CHECK(out.by_cause[CAUSE_FORK_CHILD] == 1);
@@ -144,7 +150,7 @@ static void test_verifier(bool copy_mode)
 	CHECK(out.by_cause[CAUSE_KERNEL_WRITE] == 1);
 	CHECK(out.by_cause[CAUSE_PUNCH_HOLE] == 1);
 	CHECK(out.by_cause[CAUSE_ZEROED] == 1);
-	CHECK(out.by_cause[CAUSE_INVALID] == 1);
+	CHECK(out.by_cause[CAUSE_INVALID] == 2);
 	in.staggered = true;
 	verify_snapshot(&in, &out);
 	CHECK(out.by_cause[CAUSE_STAGGERED] == 1 && out.by_cause[CAUSE_WP_MISSED] == 0);

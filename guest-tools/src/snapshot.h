@@ -24,6 +24,7 @@
 
 #define MAX_WRITERS 64
 #define MAX_PART (MAX_WRITERS + 1)     /* writers + an optional fork child */
+_Static_assert(MAX_PART == STAMP_SLOTS, "one stamp slot per participant");
 #define STALL_NS 10000                 /* an op slower than 10 us counts as a stall */
 #define INJECT_PAGES 16                /* pages touched by --punch-hole / --zap-after-arm */
 

@@ -17,62 +17,49 @@ const char *const cause_names[CAUSE_N] = {
 	[CAUSE_STALE] = "stale",
 };
 
-static uint64_t stamp_hash(const struct stamp *s)
-{
-	uint64_t h = mix64(((uint64_t)s->magic << 32) ^ ((uint64_t)s->writer << 16) ^ s->how);
+/* Word layout: check:20 | epoch:1 | how:3 | seq:40 */
+#define SEQ_BITS 40
+#define SEQ_MASK ((1ULL << SEQ_BITS) - 1)
+#define PAYLOAD_BITS 44
 
-	h = mix64(h ^ ((uint64_t)s->epoch << 32) ^ s->reserved);
-	h = mix64(h ^ s->page);
-	return mix64(h ^ s->seq);
+static uint64_t stamp_check(uint64_t page, unsigned slot, uint64_t payload)
+{
+	return mix64(mix64(page * 0x100000001B3ULL + slot) ^ payload) >> PAYLOAD_BITS;
 }
 
-void stamp_make(struct stamp *s, uint16_t writer, uint16_t how, uint32_t epoch,
-		uint64_t page, uint64_t seq)
+uint64_t stamp_word(uint64_t page, unsigned slot, unsigned how, unsigned epoch, uint64_t seq)
 {
-	s->magic = STAMP_MAGIC;
-	s->writer = writer;
-	s->how = how;
-	s->epoch = epoch;
-	s->reserved = 0;
-	s->page = page;
-	s->seq = seq;
-	s->check = stamp_hash(s);
-	for (int i = 0; i < 3; i++)
-		s->tail[i] = mix64(s->check + (uint64_t)i + 1);
+	uint64_t payload = ((uint64_t)(epoch & 1) << 43) | ((uint64_t)(how & 7) << SEQ_BITS) |
+			   (seq & SEQ_MASK);
+
+	return (stamp_check(page, slot, payload) << PAYLOAD_BITS) | payload;
 }
 
-bool stamp_valid(const struct stamp *s, uint64_t page)
+bool stamp_decode(uint64_t word, uint64_t page, unsigned slot, struct stamp *out)
 {
-	if (s->magic != STAMP_MAGIC || s->page != page || s->check != stamp_hash(s))
+	uint64_t payload = word & ((1ULL << PAYLOAD_BITS) - 1);
+	unsigned how = (unsigned)(payload >> SEQ_BITS) & 7;
+
+	if (word >> PAYLOAD_BITS != stamp_check(page, slot, payload) ||
+	    how < HOW_STORE || how > HOW_KPVW)
 		return false;
-	for (int i = 0; i < 3; i++)
-		if (s->tail[i] != mix64(s->check + (uint64_t)i + 1))
-			return false;
+	out->how = how;
+	out->epoch = (unsigned)(payload >> 43) & 1;
+	out->seq = payload & SEQ_MASK;
 	return true;
 }
 
-static inline uint64_t body_word(uint64_t idx, size_t w)
+uint64_t page_pattern_word(uint64_t page, size_t word, bool prefilled)
 {
-	return mix64((idx << 20) ^ (uint64_t)w) | 1;   /* never zero */
+	return prefilled ? mix64((page << 20) ^ (uint64_t)word ^ 0xA5A5ULL) | 1 : 0;
 }
 
 void page_prefill(void *page, size_t psz, uint64_t idx)
 {
 	uint64_t *w = page;
 
-	stamp_make(page, PREFILL_WRITER, HOW_PREFILL, 0, idx, 0);
-	for (size_t i = STAMP_BYTES / 8; i < psz / 8; i++)
-		w[i] = body_word(idx, i);
-}
-
-bool page_body_ok(const void *page, size_t psz, uint64_t idx, bool prefilled)
-{
-	const uint64_t *w = page;
-
-	for (size_t i = STAMP_BYTES / 8; i < psz / 8; i++)
-		if (w[i] != (prefilled ? body_word(idx, i) : 0))
-			return false;
-	return true;
+	for (size_t i = 0; i < psz / 8; i++)
+		w[i] = page_pattern_word(idx, i, true);
 }
 
 bool page_is_zero(const void *page, size_t psz)
@@ -86,16 +73,16 @@ bool page_is_zero(const void *page, size_t psz)
 }
 
 /* Why does a stamp written after the instant sit in the snapshot? */
-static enum cause cause_of_late_stamp(const struct verify_in *in, const struct stamp *s)
+static enum cause cause_of_stamp(const struct verify_in *in, unsigned slot, unsigned how)
 {
-	if (s->how == HOW_PWRITE)
+	if (how == HOW_PWRITE)
 		return CAUSE_FD_WRITE;
-	if (s->how == HOW_KREAD || s->how == HOW_KPVW)
+	if (how == HOW_KREAD || how == HOW_KPVW)
 		return CAUSE_KERNEL_WRITE;
-	if (s->writer < in->nroles) {
-		if (in->roles[s->writer] == ROLE_UNREGISTERED)
+	if (slot < in->nroles) {
+		if (in->roles[slot] == ROLE_UNREGISTERED)
 			return CAUSE_UNREGISTERED;
-		if (in->roles[s->writer] == ROLE_FORK_CHILD)
+		if (in->roles[slot] == ROLE_FORK_CHILD)
 			return CAUSE_FORK_CHILD;
 	}
 	return in->staggered ? CAUSE_STAGGERED : CAUSE_WP_MISSED;
@@ -114,53 +101,80 @@ static bool written_at_instant(const struct verify_in *in, uint64_t p)
 	return in->written && (in->written[p / 64] >> (p % 64) & 1);
 }
 
-/*
- * Stamp mode: the copy of page p was taken at or after the instant.  Every
- * mutation after the instant either stamps epoch >= arm_epoch or zeroes the
- * page, and nothing ever writes an older stamp back, so a valid stamp from
- * before the instant proves the page did not change between the instant and
- * its copy.  Returns -1 when the page matches, else the cause.
- */
-static int check_page_stamp(const struct verify_in *in, uint64_t p, const uint8_t *pg)
+/* Classify one word of page p: -1 = a value it may legitimately have had
+ * at the instant, else the cause of the difference. */
+static int check_word(const struct verify_in *in, uint64_t p, size_t i, uint64_t w)
 {
-	const struct stamp *s = (const struct stamp *)pg;
+	struct stamp s;
 
+	if (w == page_pattern_word(p, i, in->prefilled))
+		return -1;
+	if (i >= STAMP_SLOTS || !stamp_decode(w, p, (unsigned)i, &s))
+		return in_punch(in, p) ? CAUSE_PUNCH_HOLE : CAUSE_INVALID;
+	if (s.epoch >= in->arm_epoch)
+		return cause_of_stamp(in, (unsigned)i, s.how);
+	if (!written_at_instant(in, p))
+		return CAUSE_INVALID;     /* a pre-instant stamp where nothing was written */
+	return -1;
+}
+
+/*
+ * Stamp mode: page p was copied at or after the instant.  After the
+ * instant a word only changes to an epoch-1 stamp or to zero (punch-hole),
+ * so a word that holds its pattern or a pre-instant stamp still holds its
+ * value of the instant.  Returns -1 when the page matches, else the cause
+ * (and the deciding word in *word).
+ */
+static int check_page_stamp(const struct verify_in *in, uint64_t p, const uint8_t *pg, int *word)
+{
+	const uint64_t *w = (const uint64_t *)pg;
+
+	*word = -1;
 	if (page_is_zero(pg, in->psz)) {
 		if (!written_at_instant(in, p))
 			return -1;
 		return in_punch(in, p) ? CAUSE_PUNCH_HOLE : CAUSE_ZEROED;
 	}
-	if (!stamp_valid(s, p) || !page_body_ok(pg, in->psz, p, in->prefilled))
-		return CAUSE_INVALID;
-	if (s->epoch >= in->arm_epoch)
-		return cause_of_late_stamp(in, s);
-	if (!written_at_instant(in, p))
-		return CAUSE_INVALID;     /* content where there was none */
+	for (size_t i = 0; i < in->psz / 8; i++) {
+		int c = check_word(in, p, i, w[i]);
+
+		if (c >= 0) {
+			*word = (int)i;
+			return c;
+		}
+	}
 	return -1;
 }
 
 /* Copy mode: bytes decide; stamps only explain the difference. */
-static int check_page_copy(const struct verify_in *in, uint64_t p,
-			   const uint8_t *pg, const uint8_t *ref)
+static int check_page_copy(const struct verify_in *in, uint64_t p, const uint8_t *pg,
+			   const uint8_t *ref, int *word)
 {
-	const struct stamp *s = (const struct stamp *)pg;
-	const struct stamp *r = (const struct stamp *)ref;
+	const uint64_t *w = (const uint64_t *)pg, *r = (const uint64_t *)ref;
+	struct stamp s;
 
+	*word = -1;
 	if (!memcmp(pg, ref, in->psz))
 		return -1;
 	if (page_is_zero(pg, in->psz))
 		return in_punch(in, p) ? CAUSE_PUNCH_HOLE : CAUSE_ZEROED;
-	if (!stamp_valid(s, p) || !page_body_ok(pg, in->psz, p, in->prefilled))
-		return CAUSE_INVALID;
-	if (s->epoch >= in->arm_epoch)
-		return cause_of_late_stamp(in, s);
-	/* The snapshot is older than the instant: blame the write it missed. */
-	if (stamp_valid(r, p) && r->how != HOW_PREFILL) {
-		enum cause c = cause_of_late_stamp(in, r);
+	for (size_t i = 0; i < in->psz / 8; i++) {
+		int c;
 
-		return c == CAUSE_WP_MISSED || c == CAUSE_STAGGERED ? CAUSE_STALE : (int)c;
+		if (w[i] == r[i])
+			continue;
+		*word = (int)i;
+		c = check_word(in, p, i, w[i]);
+		if (c >= 0)
+			return c;
+		/* the snapshot holds an older value: blame the write it missed */
+		if (i < STAMP_SLOTS && stamp_decode(r[i], p, (unsigned)i, &s)) {
+			c = cause_of_stamp(in, (unsigned)i, s.how);
+			return c == CAUSE_WP_MISSED || c == CAUSE_STAGGERED ? CAUSE_STALE : c;
+		}
+		return CAUSE_STALE;
 	}
-	return CAUSE_STALE;
+	return CAUSE_INVALID;
 }
 
 void verify_snapshot(const struct verify_in *in, struct verify_out *out)
@@ -168,24 +182,28 @@ void verify_snapshot(const struct verify_in *in, struct verify_out *out)
 	memset(out, 0, sizeof(*out));
 	for (uint64_t p = 0; p < in->npages; p++) {
 		const uint8_t *pg = in->snap + p * in->psz;
-		int c = in->ref ? check_page_copy(in, p, pg, in->ref + p * in->psz)
-				: check_page_stamp(in, p, pg);
+		int word, c = in->ref ? check_page_copy(in, p, pg, in->ref + p * in->psz, &word)
+				      : check_page_stamp(in, p, pg, &word);
 
 		if (c < 0)
 			continue;
 		out->mismatched++;
 		out->by_cause[c]++;
-		if (out->nfirst < 8)
+		if (out->nfirst < 8) {
+			out->first_cause[out->nfirst] = (uint8_t)c;
+			out->first_word[out->nfirst] = word;
 			out->first_bad[out->nfirst++] = p;
+		}
 	}
 }
 
 void corrupt_snapshot(uint8_t *snap, size_t psz, uint64_t npages, uint64_t n)
 {
-	/* Spread the damage and vary it: a body byte, a stamp byte. */
+	/* Spread the damage; alternate a body word and a stamp slot's check
+	 * bits (a valid check for a flipped word is a 1-in-a-million accident). */
 	for (uint64_t i = 0; i < n && i < npages; i++) {
 		uint64_t p = (i * npages) / n;
-		size_t off = (i & 1) ? 8 : psz / 2;
+		size_t off = (i & 1) ? 8 + 7 : psz / 2;
 
 		snap[p * psz + off] ^= 0x5a;
 	}

@@ -1,14 +1,20 @@
 /*
  * stamp.h - page stamps and the snapshot verifier.
  *
- * Every write a writer makes is a 64-byte stamp at the start of a page:
- * who wrote it, how (store, pwrite, kernel write), in which epoch (0 before
- * the snapshot instant, 1 after) and the writer's sequence number, protected
- * by a check word.  The rest of the page is a fixed pattern derived from the
- * page index (or zero when the RAM was not prefilled).  A page's content is
- * therefore a pure function of its last stamp, which lets the verifier decide
- * exactly, page by page, whether the snapshot holds the content the page had
- * at the instant (see README.md, "How the verifier decides").
+ * A page write is one aligned 8-byte store of a stamp word into the
+ * writer's own slot of the page: word `id` for participant `id`.  Writers
+ * never write the same bytes, so concurrent writers can't tear each other's
+ * stamps, and every stamp is a single atomic store.  A stamp word says how
+ * it was written (store, pwrite, kernel write), in which epoch (0 before the
+ * snapshot instant, 1 after) and the writer's sequence number, protected by
+ * a check that also covers the page and slot, so a word copied to the wrong
+ * place is caught.  Every other word of a page is a fixed pattern derived
+ * from the page index (or zero when RAM was not prefilled).
+ *
+ * So each word's history is: its prefill value, then stamps; and every
+ * change after the instant is an epoch-1 stamp or zeroing the page.  That
+ * is what lets the verifier decide exactly (README.md, "How the verifier
+ * decides").
  */
 #ifndef UFFDLAB_STAMP_H
 #define UFFDLAB_STAMP_H
@@ -17,12 +23,9 @@
 #include <stddef.h>
 #include <stdint.h>
 
-#define STAMP_MAGIC 0x44464655u     /* "UFFD" */
-#define STAMP_BYTES 64
-#define PREFILL_WRITER 0xffffu
+#define STAMP_SLOTS 65         /* MAX_PART: words 0..64 are writer slots */
 
 enum stamp_how {
-	HOW_PREFILL = 0,   /* written by the coordinator before writers start */
 	HOW_STORE = 1,     /* CPU store through the mapping */
 	HOW_PWRITE = 2,    /* pwrite(2) on the backing fd */
 	HOW_KREAD = 3,     /* read(2) from a pipe into the mapping (kernel write) */
@@ -30,25 +33,17 @@ enum stamp_how {
 };
 
 struct stamp {
-	uint32_t magic;
-	uint16_t writer;   /* participant id, PREFILL_WRITER for the prefill */
-	uint16_t how;      /* enum stamp_how */
-	uint32_t epoch;
-	uint32_t reserved;
-	uint64_t page;     /* page index the stamp belongs to */
-	uint64_t seq;      /* writer's sequence number */
-	uint64_t check;    /* hash of the fields above */
-	uint64_t tail[3];  /* derived from check: a torn copy breaks them */
+	unsigned how, epoch;
+	uint64_t seq;
 };
-_Static_assert(sizeof(struct stamp) == STAMP_BYTES, "stamp is one cache line");
 
-void stamp_make(struct stamp *s, uint16_t writer, uint16_t how, uint32_t epoch,
-		uint64_t page, uint64_t seq);
-bool stamp_valid(const struct stamp *s, uint64_t page);
-/* Fill a whole page as the coordinator's prefill does. */
+/* Encode/decode the stamp word of slot `slot` in page `page`. */
+uint64_t stamp_word(uint64_t page, unsigned slot, unsigned how, unsigned epoch, uint64_t seq);
+bool stamp_decode(uint64_t word, uint64_t page, unsigned slot, struct stamp *out);
+
+/* The value every word of an untouched page has. */
+uint64_t page_pattern_word(uint64_t page, size_t word, bool prefilled);
 void page_prefill(void *page, size_t psz, uint64_t idx);
-/* Is everything after the stamp what it should be? */
-bool page_body_ok(const void *page, size_t psz, uint64_t idx, bool prefilled);
 bool page_is_zero(const void *page, size_t psz);
 
 /* ---- verifier ---- */
@@ -62,7 +57,7 @@ enum cause {
 	CAUSE_KERNEL_WRITE,   /* read(2)/process_vm_writev into the mapping */
 	CAUSE_PUNCH_HOLE,     /* fallocate(PUNCH_HOLE) zeroed it */
 	CAUSE_ZEROED,         /* zero page where content was expected (zap on anon, ...) */
-	CAUSE_INVALID,        /* torn or corrupted content */
+	CAUSE_INVALID,        /* corrupted content: no writer wrote this */
 	CAUSE_STALE,          /* older than the instant (iterative copy missed a write) */
 	CAUSE_N
 };
@@ -77,8 +72,8 @@ struct verify_in {
 	uint64_t npages;
 	bool prefilled;
 	const uint64_t *written;    /* !prefilled: bitmap of pages written before the instant */
-	uint32_t arm_epoch;         /* stamps with epoch >= arm_epoch came after the instant */
-	const uint8_t *roles;       /* enum role by writer id */
+	unsigned arm_epoch;         /* stamps with epoch >= arm_epoch came after the instant */
+	const uint8_t *roles;       /* enum role by participant id (= slot) */
 	unsigned nroles;
 	bool staggered;             /* registered writers were armed one by one */
 	uint64_t punch_first, punch_pages;
@@ -87,7 +82,9 @@ struct verify_in {
 struct verify_out {
 	uint64_t mismatched;
 	uint64_t by_cause[CAUSE_N];
-	uint64_t first_bad[8];      /* a few mismatched page indexes, for debugging */
+	uint64_t first_bad[8];      /* a few mismatched pages, for debugging */
+	uint8_t first_cause[8];
+	int first_word[8];          /* the word that decided, -1 for whole-page causes */
 	unsigned nfirst;
 };
 

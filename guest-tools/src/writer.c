@@ -119,32 +119,32 @@ static enum stamp_how writer_how(const struct wctx *w)
 	return HOW_STORE;
 }
 
-/* Kernel-mode write: returns true if it landed, false on EFAULT. */
-static bool kernel_write(struct wctx *w, enum stamp_how how, uint8_t *dst,
-			 const struct stamp *st)
+/* Kernel-mode write of one stamp word: true if it landed, false on EFAULT. */
+static bool kernel_write(struct wctx *w, enum stamp_how how, uint64_t *dst, uint64_t word)
 {
 	struct slot *s = &w->ctl->slot[w->id];
 	ssize_t n;
 
 	s->kw_attempted++;
 	if (how == HOW_KREAD) {
-		uint8_t drain[STAMP_BYTES];
+		uint64_t drain;
 
-		if (write(w->pipefd[1], st, STAMP_BYTES) != STAMP_BYTES)
+		if (write(w->pipefd[1], &word, sizeof(word)) != sizeof(word))
 			writer_fail(w, "write(pipe) for --kernel-writes read");
-		n = read(w->pipefd[0], dst, STAMP_BYTES);
+		n = read(w->pipefd[0], dst, sizeof(word));
 		if (n < 0 && errno == EFAULT) {
 			/* the pipe keeps the data after EFAULT: drain it */
-			if (read(w->pipefd[0], drain, STAMP_BYTES) != STAMP_BYTES)
+			if (read(w->pipefd[0], &drain, sizeof(drain)) != sizeof(drain))
 				writer_fail(w, "draining the pipe after EFAULT");
+			errno = EFAULT;
 		}
 	} else {
-		struct iovec local = { .iov_base = (void *)st, .iov_len = STAMP_BYTES };
-		struct iovec remote = { .iov_base = dst, .iov_len = STAMP_BYTES };
+		struct iovec local = { .iov_base = &word, .iov_len = sizeof(word) };
+		struct iovec remote = { .iov_base = dst, .iov_len = sizeof(word) };
 
 		n = process_vm_writev(getpid(), &local, 1, &remote, 1, 0);
 	}
-	if (n == STAMP_BYTES) {
+	if (n == sizeof(word)) {
 		s->kw_ok++;
 		return true;
 	}
@@ -165,30 +165,32 @@ static void mark_written(struct wctx *w, uint64_t page)
 		atomic_fetch_or(word, bit);
 }
 
-/* Write one stamp to `page`; time it; publish the start for the fault handler. */
+/* Write one stamp word into this writer's slot of `page`; time it and
+ * publish the start for the fault handler's latency figure. */
 static void write_page(struct wctx *w, struct wstats *st, uint64_t page,
 		       uint32_t epoch, uint64_t seq, enum stamp_how how)
 {
 	struct slot *s = &w->ctl->slot[w->id];
-	uint8_t *dst = w->ram + page * w->psz;
+	size_t off = page * w->psz + 8 * (size_t)w->id;
+	uint64_t *dst = (uint64_t *)(w->ram + off);
+	uint64_t word = stamp_word(page, (unsigned)w->id, how, epoch, seq);
 	bool landed = true;
-	struct stamp stamp;
 	uint64_t t0, t1;
 
-	stamp_make(&stamp, (uint16_t)w->id, (uint16_t)how, epoch, page, seq);
 	t0 = now_ns();
 	atomic_store_explicit(&s->op_start_ns, t0, memory_order_release);
 	switch (how) {
 	case HOW_PWRITE:
-		if (pwrite(w->fd, &stamp, STAMP_BYTES, (off_t)(page * w->psz)) != STAMP_BYTES)
+		if (pwrite(w->fd, &word, sizeof(word), (off_t)off) != sizeof(word))
 			writer_fail(w, "pwrite(fd) of page %llu", (unsigned long long)page);
 		break;
 	case HOW_KREAD:
 	case HOW_KPVW:
-		landed = kernel_write(w, how, dst, &stamp);
+		landed = kernel_write(w, how, dst, word);
 		break;
 	default:
-		memcpy(dst, &stamp, STAMP_BYTES);   /* faults here when protected */
+		/* one atomic 8-byte store: faults here when protected */
+		atomic_store_explicit((_Atomic uint64_t *)dst, word, memory_order_relaxed);
 		break;
 	}
 	t1 = now_ns();
