@@ -674,9 +674,14 @@ static void serve_fault(struct coord *c, struct proc *p, const struct uffd_msg *
 	if (part >= 0)
 		start = atomic_load_explicit(&c->ctl->slot[part].op_start_ns, memory_order_acquire);
 	copy_page_claimed(c, page);
-	for (int i = 0; i < c->nproc; i++)
-		if (c->proc[i].uffd >= 0)
-			wp_checked(c, &c->proc[i], page, false, false);
+	if (c->o->unprotect_all) {
+		for (int i = 0; i < c->nproc; i++)
+			if (c->proc[i].uffd >= 0)
+				wp_checked(c, &c->proc[i], page, false, false);
+	} else {
+		/* the others fault on it themselves if they ever write it */
+		wp_checked(c, p, page, false, false);
+	}
 	t = now_ns();
 	if (phase == PH_ARMED) {
 		atomic_fetch_add(&p->faults, 1);
@@ -815,6 +820,7 @@ static void emit_config(struct coord *c)
 	j_bool(&j, "populate", o->populate);
 	j_bool(&j, "prefill", o->prefill);
 	j_bool(&j, "prearm", o->prearm);
+	j_str(&j, "unprotect", o->unprotect_all ? "all" : "faulting");
 	j_int(&j, "unregistered", o->unregistered);
 	j_bool(&j, "fd_writes", o->fd_writes);
 	j_bool(&j, "punch_hole", o->punch_hole);

@@ -54,6 +54,7 @@ struct opts {
 	int progress_ms;
 	double stagger_ms;
 	int scan_rounds;
+	bool unprotect_all;      /* --unprotect all|faulting */
 	/* decided by the coordinator, not a flag: */
 	uint64_t uffd_features;  /* UFFDIO_API features every writer uffd asks for */
 };

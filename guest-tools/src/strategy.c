@@ -308,14 +308,13 @@ static void strategy_wp(struct coord *c)
 	snapshot_begin(c);
 	if (c->o->prearm) {
 		/* Protect while writers run; faults before the instant are only
-		 * un-protected (and recorded).  Re-protect what they opened until
-		 * little is left, so the pause itself stays short. */
+		 * un-protected (and recorded), then re-protected inside the
+		 * pause, where it is cheap: the writers' mms are idle, so no TLB
+		 * shootdown has to reach a running CPU.  Re-protecting while
+		 * writers run costs an IPI per page and feeds more faults. */
 		atomic_store(&c->phase, PH_PREARM);
 		c->doing = "pre-arming";
 		arm_all(c, true);
-		for (int pass = 0; pass < 3; pass++)
-			if (reprotect_dirty(c) < 64)
-				break;
 	}
 	timed_pause(c, &t0);
 	c->doing = "arming";
@@ -323,7 +322,6 @@ static void strategy_wp(struct coord *c)
 		reprotect_dirty(c);
 	else
 		arm_all(c, true);
-
 	take_instant(c);
 	atomic_store(&c->phase, PH_ARMED);
 	timed_resume(c, t0);
