@@ -674,15 +674,13 @@ static void serve_fault(struct coord *c, struct proc *p, const struct uffd_msg *
 	if (part >= 0)
 		start = atomic_load_explicit(&c->ctl->slot[part].op_start_ns, memory_order_acquire);
 	copy_page_claimed(c, page);
-	if (c->o->unprotect_all) {
-		for (int i = 0; i < c->nproc; i++)
-			if (c->proc[i].uffd >= 0)
-				wp_checked(c, &c->proc[i], page, false, false);
-	} else {
-		/* the others fault on it themselves if they ever write it */
-		wp_checked(c, p, page, false, false);
-	}
+	/* Wake the faulting writer first: its wait ends here. */
+	wp_checked(c, p, page, false, false);
 	t = now_ns();
+	if (c->o->unprotect_all)    /* then the others, so they never fault on it */
+		for (int i = 0; i < c->nproc; i++)
+			if (&c->proc[i] != p && c->proc[i].uffd >= 0)
+				wp_checked(c, &c->proc[i], page, false, false);
 	if (phase == PH_ARMED) {
 		atomic_fetch_add(&p->faults, 1);
 		if (start && t > start) {
@@ -821,6 +819,7 @@ static void emit_config(struct coord *c)
 	j_bool(&j, "prefill", o->prefill);
 	j_bool(&j, "prearm", o->prearm);
 	j_str(&j, "unprotect", o->unprotect_all ? "all" : "faulting");
+	j_str(&j, "release", o->release_chunks ? "chunk" : "end");
 	j_int(&j, "unregistered", o->unregistered);
 	j_bool(&j, "fd_writes", o->fd_writes);
 	j_bool(&j, "punch_hole", o->punch_hole);

@@ -55,6 +55,7 @@ struct opts {
 	double stagger_ms;
 	int scan_rounds;
 	bool unprotect_all;      /* --unprotect all|faulting */
+	bool release_chunks;     /* --release chunk|end */
 	/* decided by the coordinator, not a flag: */
 	uint64_t uffd_features;  /* UFFDIO_API features every writer uffd asks for */
 };

@@ -57,6 +57,8 @@ static void usage(FILE *f)
 "  --prearm yes|no                            uffd-wp: protect while running, short final pause (yes)\n"
 "  --unprotect all|faulting                   after copying a faulted page, un-protect it in every\n"
 "                                             process (all, the thread's step 2c) or only the faulting one\n"
+"  --release chunk|end                        uffd-wp: un-protect copied RAM every 2 MiB while copying, or all\n"
+"                                             at the end (chunk)\n"
 "  --unregistered K                           the last K writers map RAM but never register (0)\n"
 "  --fd-writes                                writer 0 writes with pwrite() on the fd\n"
 "  --punch-hole                               writer 0 punches %d pages after the instant\n"
@@ -141,7 +143,7 @@ enum {
 	OPT_STRATEGY = 256, OPT_BACKING, OPT_SIZE, OPT_WRITERS, OPT_PATTERN, OPT_RATE,
 	OPT_DURATION, OPT_WARMUP, OPT_TIMEOUT, OPT_POPULATE, OPT_PREFILL, OPT_PREARM,
 	OPT_UNREG, OPT_FDW, OPT_PUNCH, OPT_FORK, OPT_KW, OPT_SRC, OPT_ZAP, OPT_VERIFY,
-	OPT_SEED, OPT_CORRUPT, OPT_UNPROTECT, OPT_PROGRESS, OPT_STAGGER, OPT_ROUNDS, OPT_SELFTEST, OPT_HELP,
+	OPT_SEED, OPT_CORRUPT, OPT_UNPROTECT, OPT_RELEASE, OPT_PROGRESS, OPT_STAGGER, OPT_ROUNDS, OPT_SELFTEST, OPT_HELP,
 };
 
 static const struct option long_opts[] = {
@@ -168,6 +170,7 @@ static const struct option long_opts[] = {
 	{ "seed", required_argument, NULL, OPT_SEED },
 	{ "corrupt-snapshot", required_argument, NULL, OPT_CORRUPT },
 	{ "unprotect", required_argument, NULL, OPT_UNPROTECT },
+	{ "release", required_argument, NULL, OPT_RELEASE },
 	{ "progress-ms", required_argument, NULL, OPT_PROGRESS },
 	{ "stagger-ms", required_argument, NULL, OPT_STAGGER },
 	{ "scan-rounds", required_argument, NULL, OPT_ROUNDS },
@@ -254,6 +257,7 @@ static void parse_args(int argc, char **argv, struct opts *o)
 	static const char *const srcs[] = { "syscall", "syscall-user-only", "devuserfaultfd" };
 	static const char *const vms[] = { "off", "stamp", "copy" };
 	static const char *const unprot[] = { "all", "faulting" };
+	static const char *const rel[] = { "chunk", "end" };
 	bool timeout_set = false, warmup_set = false;
 	const char *size_arg = NULL;
 	char flag[64];
@@ -262,7 +266,8 @@ static void parse_args(int argc, char **argv, struct opts *o)
 	*o = (struct opts){ .strategy = ST_WP, .backing = B_MEMFD, .size = 64ULL << 20,
 			    .writers = 1, .pattern = PAT_UNIFORM, .rate = 0, .duration = 1,
 			    .prefill = true, .prearm = true, .seed = 1, .progress_ms = 200,
-			    .stagger_ms = 2, .scan_rounds = 5, .unprotect_all = true };
+			    .stagger_ms = 2, .scan_rounds = 5, .unprotect_all = true,
+			    .release_chunks = true };
 	opterr = 0;
 	while ((c = getopt_long(argc, argv, ":", long_opts, NULL)) != -1) {
 		snprintf(flag, sizeof(flag), "--%s", option_name(c));
@@ -295,6 +300,7 @@ static void parse_args(int argc, char **argv, struct opts *o)
 		case OPT_VERIFY: o->verify = optarg ? parse_choice(flag, optarg, vms, 3) : V_STAMP; break;
 		case OPT_SEED: o->seed = parse_int_range(flag, optarg, 0, UINT64_MAX); break;
 		case OPT_UNPROTECT: o->unprotect_all = parse_choice(flag, optarg, unprot, 2) == 0; break;
+		case OPT_RELEASE: o->release_chunks = parse_choice(flag, optarg, rel, 2) == 0; break;
 		case OPT_CORRUPT: o->corrupt = parse_int_range(flag, optarg, 1, UINT32_MAX); break;
 		case OPT_PROGRESS: o->progress_ms = (int)parse_int_range(flag, optarg, 10, 60000); break;
 		case OPT_STAGGER: o->stagger_ms = parse_real_range(flag, optarg, 0, 10000, false); break;

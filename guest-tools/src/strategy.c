@@ -8,6 +8,9 @@
 #include "coord.h"
 
 #include <errno.h>
+#if defined(__SSE2__)
+#include <emmintrin.h>
+#endif
 #include <sched.h>
 #include <stdlib.h>
 #include <string.h>
@@ -27,9 +30,36 @@ static inline void cpu_relax(void)
 
 /* ---- copying ---- */
 
+/*
+ * Bulk copies use non-temporal stores: the snapshot is written once and
+ * not read back soon, so streaming it past the cache saves the
+ * read-for-ownership of every destination line.  glibc memcpy only does
+ * this for copies larger than our runs.
+ */
+static void copy_stream(uint8_t *dst, const uint8_t *src, size_t n)
+{
+#if defined(__SSE2__)
+	__m128i *d = (__m128i *)(void *)dst;
+	const __m128i *s = (const __m128i *)(const void *)src;
+
+	for (size_t i = 0; i < n / 16; i += 4) {
+		__m128i a = _mm_load_si128(s + i), b = _mm_load_si128(s + i + 1);
+		__m128i x = _mm_load_si128(s + i + 2), y = _mm_load_si128(s + i + 3);
+
+		_mm_stream_si128(d + i, a);
+		_mm_stream_si128(d + i + 1, b);
+		_mm_stream_si128(d + i + 2, x);
+		_mm_stream_si128(d + i + 3, y);
+	}
+	_mm_sfence();    /* visible before the page is marked copied */
+#else
+	memcpy(dst, src, n);
+#endif
+}
+
 static inline void copy_pages(struct coord *c, uint64_t first, uint64_t n)
 {
-	memcpy(c->snap + first * c->psz, c->ram + first * c->psz, n * c->psz);
+	copy_stream(c->snap + first * c->psz, c->ram + first * c->psz, n * c->psz);
 }
 
 static bool claim(struct coord *c, uint64_t p)
@@ -52,10 +82,25 @@ void copy_page_claimed(struct coord *c, uint64_t p)
 		cpu_relax();    /* the copier has it: at most COPY_RUN pages */
 }
 
-/* Copier side while faults may race: claim short runs, copy, release. */
+/* Un-protect [first, first+n) in every process once all of it is copied,
+ * so later writes there don't fault (QEMU does the same per saved run). */
+static void release_chunk(struct coord *c, uint64_t first, uint64_t n)
+{
+	for (int i = 0; i < c->nproc; i++) {
+		struct proc *p = &c->proc[i];
+
+		if (p->uffd >= 0)
+			uffd_wp_or_die(p->uffd, p->base + first * c->psz, n * c->psz,
+				       false, false, "a copied chunk");
+	}
+}
+
+/* Copier side while faults may race: claim short runs, copy, release;
+ * every CHUNK pages, un-protect what is done. */
 static void copy_all_claimed(struct coord *c)
 {
-	uint64_t p = 0;
+	uint64_t chunk = (2u << 20) / c->psz ? (2u << 20) / c->psz : 1;
+	uint64_t p = 0, released = 0;
 
 	c->doing = "copying";
 	while (p < c->npages) {
@@ -63,16 +108,22 @@ static void copy_all_claimed(struct coord *c)
 
 		while (q < c->npages && q - p < COPY_RUN && claim(c, q))
 			q++;
-		if (q == p) {          /* the handler has p */
+		if (q == p) {          /* the handler has p: wait for it at release */
 			p++;
-			continue;
+		} else {
+			copy_pages(c, p, q - p);
+			for (uint64_t r = p; r < q; r++)
+				atomic_store_explicit(&c->pstate[r], 2, memory_order_release);
+			atomic_fetch_add(&c->copied, q - p);
+			p = q;
 		}
-		copy_pages(c, p, q - p);
-		for (uint64_t r = p; r < q; r++)
-			atomic_store_explicit(&c->pstate[r], 2, memory_order_release);
-		atomic_fetch_add(&c->copied, q - p);
-		p = q;
-		if ((p & 1023) < COPY_RUN) {
+		if (p - released >= chunk || p == c->npages) {
+			for (uint64_t r = released; r < p; r++)    /* pages the handler held */
+				while (atomic_load_explicit(&c->pstate[r], memory_order_acquire) != 2)
+					cpu_relax();
+			if (c->o->release_chunks)
+				release_chunk(c, released, p - released);
+			released = p;
 			coord_check(c);
 			coord_progress(c, "copy", false);
 		}
@@ -329,8 +380,10 @@ static void strategy_wp(struct coord *c)
 	copy_all_claimed(c);
 	snapshot_end(c);
 	atomic_store(&c->phase, PH_COPIED);
-	c->doing = "disarming";
-	arm_all(c, false);
+	if (!c->o->release_chunks) {
+		c->doing = "disarming";
+		arm_all(c, false);
+	}
 }
 
 /* ---- S4: arm process by process while writers keep running ---- */
