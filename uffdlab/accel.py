@@ -111,6 +111,11 @@ def _write_cache(path: Path | None, key: str, choice: AccelChoice) -> None:
     if path is None:
         return
     path.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, ValueError):
+        data = {}
+    data[key] = asdict(choice)
     tmp = path.with_suffix(f".{os.getpid()}.tmp")
-    tmp.write_text(json.dumps({key: asdict(choice)}))
+    tmp.write_text(json.dumps(data, indent=1))
     os.replace(tmp, path)

@@ -11,6 +11,7 @@ from pathlib import Path
 
 from .config import ConfigError, Lab, load_lab
 from .events import Event
+from .scenarios import ScenarioError
 
 EXIT_OK, EXIT_FAIL, EXIT_CONFIG = 0, 1, 2
 
@@ -212,6 +213,9 @@ def main(argv: list[str] | None = None) -> int:
         return args.func(args)
     except ConfigError as e:
         print("\n".join(e.problems), file=sys.stderr)
+        return EXIT_CONFIG
+    except (ScenarioError, argparse.ArgumentTypeError) as e:
+        print(f"uffdlab: {e}", file=sys.stderr)
         return EXIT_CONFIG
     except KeyboardInterrupt:
         print("interrupted; VMs that were booting have been stopped", file=sys.stderr)

@@ -262,7 +262,7 @@ class VM(Emitter):
                     raise _PortTaken()
                 raise VMError(f"QEMU exited during boot:\n{qlog}\n"
                               f"last serial lines:\n{self.serial_tail()}")
-            if self._internal_error():
+            if st.accel == "kvm" and self._internal_error():
                 raise VMError("QEMU reports 'internal-error' (KVM internal error); "
                               "set accel: tcg or auto")
             if time.monotonic() > deadline:
@@ -366,11 +366,24 @@ def all_vms(lab: Lab, listener: Listener | None = None) -> list[VM]:
 
 
 def stale_dirs(lab: Lab) -> list[Path]:
-    """VM directories on disk whose name is no longer in lab.yml."""
+    """VM directories this lab does not name and whose processes are gone.
+    Another lab sharing the cache may own a live one: those are left alone."""
     root = lab.cache_path / "vms"
     if not root.is_dir():
         return []
-    return [p for p in root.iterdir() if p.is_dir() and p.name not in lab.vms]
+    return [p for p in root.iterdir()
+            if p.is_dir() and p.name not in lab.vms and not _dir_alive(p)]
+
+
+def _dir_alive(d: Path) -> bool:
+    try:
+        st = VMState.load(d / "state.json")
+        return pid_alive(st.keeper_pid) or pid_alive(st.qemu_pid)
+    except (OSError, ValueError, TypeError):
+        try:
+            return pid_alive(int((d / "keeper.pid").read_text()))
+        except (OSError, ValueError):
+            return False
 
 
 def sweep_dir(d: Path) -> None:

@@ -1,0 +1,100 @@
+"""CLI commands of the run layers: provision, run, results."""
+from __future__ import annotations
+
+import argparse
+import sys
+
+from .cli import EXIT_FAIL, EXIT_OK, Renderer, _lab, table
+
+
+def parse_params(pairs: list[str]) -> dict[str, str]:
+    out = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep or not key:
+            raise argparse.ArgumentTypeError(f"--param: expected key=value, got {pair!r}")
+        out[key.strip().replace("-", "_")] = value.strip()
+    return out
+
+
+def cmd_provision(args) -> int:
+    from .provision import provision
+    from .vm import VM
+    vm = VM(_lab(args), args.vm, Renderer())
+    vm.up(reuse=True)
+    res = provision(vm)
+    print(f"{vm.name}: provisioned in {res.seconds} s ({res.changed} changed), tools "
+          f"{res.tools_version}, kernel {res.probe.get('kernel')}")
+    feats = res.probe.get("features", {})
+    print("uffd features: " + " ".join(f"{k}={'yes' if v else 'no'}" for k, v in feats.items()))
+    return EXIT_OK
+
+
+def cmd_run(args) -> int:
+    from . import scenarios
+    if args.list:
+        rows = []
+        for s in scenarios.CATALOGUE:
+            own = ", ".join(f"{k}={v}" for k, v in s.defaults().items()
+                            if k not in scenarios.COMMON or k in s.flags)
+            rows.append([s.id, s.name, s.min_kernel,
+                         {True: "consistent", False: "inconsistent", None: "?"}[
+                             s.expect_consistent], s.title, own])
+        table(["id", "name", "kernel", "expected", "what", "scenario parameters"], rows)
+        print("\ncommon parameters (--param k=v): " + ", ".join(
+            f"{p.name} ({p.default})" for p in scenarios.COMMON.values()))
+        return EXIT_OK
+    if not args.scenario:
+        raise scenarios.ScenarioError("run: expected a scenario id or name (see --list)")
+    from .runner import prepare, run
+    from .vm import VM
+    lab = _lab(args)
+    vm = VM(lab, args.vm, Renderer())
+    params = parse_params(args.param)
+    prepare(vm, args.scenario, params, args.timeout)     # fail before booting anything
+    from .results import ResultsDB
+    res = run(vm, args.scenario, params, args.timeout)
+    with ResultsDB(lab.results_path) as db:
+        db.store(res)
+    s = res.summary or {}
+    lat = s.get("fault_latency_us", {})
+    print(f"run {res.run_id}: {res.scenario} ({res.scenario_name}) on {res.vm}, kernel "
+          f"{res.kernel}, {res.accel}: {res.status.upper()}")
+    if s:
+        print(f"  snapshot {s.get('snapshot_ms')} ms, faults {s.get('faults_total')}, "
+              f"latency p50 {lat.get('p50')} us p99 {lat.get('p99')} us, max stall "
+              f"{s.get('writer_stall_max_ms')} ms, mismatched pages "
+              f"{s.get('mismatched_pages')} {s.get('mismatches_by_cause') or ''}")
+    if res.error:
+        print(f"  error: {res.error}", file=sys.stderr)
+    print(f"  stored in {lab.results_path}")
+    return EXIT_OK if res.status in ("ok", "inconsistent") else EXIT_FAIL
+
+
+def cmd_results(args) -> int:
+    from .results import ResultsDB, format_table
+    lab = _lab(args)
+    with ResultsDB(lab.results_path) as db:
+        rows = db.runs(last=args.last, scenario=args.scenario)
+    print(format_table(rows) if rows else f"no runs in {lab.results_path}")
+    return EXIT_OK
+
+
+def register(sub) -> None:
+    p = sub.add_parser("provision", help="provision a VM with Ansible (boots it if needed)")
+    p.add_argument("vm", nargs="?")
+    p.set_defaults(func=cmd_provision)
+
+    r = sub.add_parser("run", help="run a catalogue scenario (S1..S10 or its name)")
+    r.add_argument("scenario", nargs="?")
+    r.add_argument("--vm", help="VM to run on (the first in lab.yml by default)")
+    r.add_argument("--param", action="append", default=[], metavar="K=V",
+                   help="scenario parameter, repeatable (see --list)")
+    r.add_argument("--timeout", type=float, help="seconds (default: duration + 90)")
+    r.add_argument("--list", action="store_true", help="print the catalogue")
+    r.set_defaults(func=cmd_run)
+
+    q = sub.add_parser("results", help="stored runs")
+    q.add_argument("--last", type=int, metavar="N")
+    q.add_argument("--scenario", metavar="S")
+    q.set_defaults(func=cmd_results)

@@ -1,0 +1,190 @@
+"""provision(vm) --ansible-runner, playbooks/provision.yml--> a configured
+guest with the guest tools built, and its uffd-probe facts.
+
+The inventory is made from the running VM (address, port, lab key, pinned
+host key); Ansible's task events become the VM's lifecycle events.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import subprocess
+import sys
+import tarfile
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from .vm import VM, VMError
+
+REPO = Path(__file__).resolve().parent.parent
+PLAYBOOKS = REPO / "playbooks"
+GUEST_TOOLS = REPO / "guest-tools"
+# Only sources travel to the guest; it builds them against its own headers.
+SOURCE_GLOBS = ("Makefile", "README.md", "src/*.c", "src/*.h")
+
+
+class ProvisionError(Exception):
+    pass
+
+
+@dataclass
+class ProvisionResult:
+    vm: str
+    ok: int
+    changed: int
+    changed_tasks: list[str]
+    probe: dict
+    tools_version: str
+    seconds: float
+
+
+def tools_sources() -> list[Path]:
+    return sorted(p for g in SOURCE_GLOBS for p in GUEST_TOOLS.glob(g))
+
+
+def tools_digest() -> str:
+    """Content hash of the guest tools' sources: changes mean re-provision."""
+    h = hashlib.sha256()
+    for p in tools_sources():
+        h.update(str(p.relative_to(GUEST_TOOLS)).encode() + b"\0" + p.read_bytes())
+    return h.hexdigest()[:16]
+
+
+def tools_version() -> str:
+    """git hash of guest-tools plus '-dirty' when its sources differ from HEAD."""
+    def git(*args):
+        return subprocess.run(["git", *args], cwd=REPO, capture_output=True,
+                              text=True).stdout.strip()
+    commit = git("log", "-1", "--format=%h", "--", "guest-tools") or "untracked"
+    dirty = git("status", "--porcelain", "--", "guest-tools/src", "guest-tools/Makefile")
+    return f"{commit}-dirty" if dirty else commit
+
+
+def sources_tarball(dest: Path) -> Path:
+    """The tools' sources as a byte-for-byte reproducible tar: the same
+    sources give the same checksum, so Ansible copies and builds only on
+    change."""
+    def normalize(info: tarfile.TarInfo) -> tarfile.TarInfo:
+        info.uid = info.gid = 0
+        info.uname = info.gname = "root"
+        info.mtime = 0
+        return info
+
+    with tarfile.open(dest, "w", format=tarfile.GNU_FORMAT) as tar:
+        for p in tools_sources():
+            tar.add(p, arcname=str(p.relative_to(GUEST_TOOLS)), filter=normalize)
+    return dest
+
+
+def inventory(vm: VM, known_hosts: Path, control_dir: Path) -> dict:
+    st = vm.state()
+    if st is None or not st.ssh_ready:
+        raise VMError(f"VM {vm.name!r} is not running; 'uffdlab up {vm.name}' first")
+    known_hosts.write_text(f"[127.0.0.1]:{st.ssh_port} {st.host_pubkey}\n")
+    ssh_args = (f"-o UserKnownHostsFile={known_hosts} -o StrictHostKeyChecking=yes "
+                f"-o IdentitiesOnly=yes -o ControlMaster=auto -o ControlPersist=60s "
+                f"-o ControlPath={control_dir}/%C")
+    return {"all": {"hosts": {vm.name: {
+        "ansible_host": "127.0.0.1", "ansible_port": st.ssh_port, "ansible_user": "root",
+        "ansible_ssh_private_key_file": str(vm.key_path),
+        "ansible_ssh_common_args": ssh_args,
+        "ansible_python_interpreter": "/usr/bin/python3",
+    }}}}
+
+
+def provision(vm: VM, playbook: str = "provision.yml") -> ProvisionResult:
+    """Run the playbook on a running VM and record its probe in the VM state."""
+    import ansible_runner
+
+    started = time.monotonic()
+    vm.emit("provisioning", f"{playbook} on {vm.name}")
+    events = _EventCollector(vm)
+    # A short private path: ssh control sockets must fit in 108 bytes.
+    with tempfile.TemporaryDirectory(prefix="uffdlab-ans-") as tmp:
+        tmp = Path(tmp)
+        tarball = sources_tarball(tmp / "guest-tools.tar")
+        (tmp / "cp").mkdir()
+        (tmp / "runner").mkdir()
+        lab_vars = vm.lab.provision.model_dump()
+        bin_dir = str(Path(sys.executable).parent)
+        runner = ansible_runner.run(
+            private_data_dir=str(tmp / "runner"),
+            project_dir=str(PLAYBOOKS),
+            playbook=playbook,
+            inventory=inventory(vm, tmp / "known_hosts", tmp / "cp"),
+            extravars={"lab": lab_vars, "guest_tools_tar": str(tarball)},
+            envvars={"ANSIBLE_PIPELINING": "True", "ANSIBLE_HOST_KEY_CHECKING": "True",
+                     "ANSIBLE_NOCOLOR": "1", "ANSIBLE_RETRY_FILES_ENABLED": "False",
+                     "ANSIBLE_SSH_RETRIES": "2", "ANSIBLE_LOCAL_TEMP": str(tmp / "at"),
+                     "PATH": bin_dir + os.pathsep + os.environ.get("PATH", "")},
+            event_handler=events,
+            quiet=True,
+            suppress_env_files=True,
+        )
+        if runner.status != "successful" or events.failure:
+            raise ProvisionError(events.failure or
+                                 f"ansible-runner ended {runner.status} (rc {runner.rc}): "
+                                 + _tail(runner.stdout.read() if runner.stdout else ""))
+    if not events.probe:
+        raise ProvisionError("the playbook ran but returned no uffd-probe output")
+    version = tools_version()
+    vm.update_state(facts={"probe": events.probe, "tools_digest": tools_digest(),
+                           "tools_version": version, "provisioned_at": time.time()})
+    res = ProvisionResult(vm.name, events.ok, len(events.changed), events.changed,
+                          events.probe, version, round(time.monotonic() - started, 1))
+    vm.emit("provisioning", f"done in {res.seconds} s: {res.ok} ok, {res.changed} changed",
+            changed=res.changed, seconds=res.seconds)
+    return res
+
+
+def ensure_provisioned(vm: VM) -> dict:
+    """Provision unless this VM already has these exact guest tools."""
+    st = vm.state()
+    if st is not None and st.facts.get("tools_digest") == tools_digest():
+        return st.facts
+    provision(vm)
+    return vm.state().facts
+
+
+class _EventCollector:
+    """ansible-runner event handler: tally, forward as VM events, keep the probe."""
+
+    def __init__(self, vm: VM):
+        self.vm = vm
+        self.ok = 0
+        self.changed: list[str] = []
+        self.failure: str | None = None
+        self.probe: dict | None = None
+
+    def __call__(self, event: dict) -> bool:
+        kind = event.get("event", "")
+        data = event.get("event_data", {})
+        task = data.get("task", "")
+        host = data.get("host", "")
+        res = data.get("res", {}) or {}
+        if kind == "runner_on_ok":
+            self.ok += 1
+            state = "changed" if res.get("changed") else "ok"
+            if res.get("changed"):
+                self.changed.append(task)
+            if "uffd_probe" in res.get("ansible_facts", {}):
+                self.probe = res["ansible_facts"]["uffd_probe"]
+            self.vm.emit("task", f"{state}: {task}", task=task, host=host, state=state)
+        elif kind == "runner_on_skipped":
+            self.vm.emit("task", f"skipped: {task}", task=task, host=host, state="skipped")
+        elif kind in ("runner_on_failed", "runner_on_unreachable"):
+            if kind == "runner_on_failed" and data.get("ignore_errors"):
+                return True
+            msg = res.get("msg") or res.get("stderr") or res.get("stdout") or json.dumps(res)
+            self.failure = (f"task '{task}' failed on {host}"
+                            f"{' (unreachable)' if kind.endswith('unreachable') else ''}: "
+                            f"{str(msg).strip()[-1500:]}")
+            self.vm.emit("task", f"failed: {task}", task=task, host=host, state="failed")
+        return True
+
+
+def _tail(text: str, n: int = 20) -> str:
+    return "\n".join(text.strip().splitlines()[-n:])

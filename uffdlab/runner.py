@@ -1,0 +1,164 @@
+"""run(vm, scenario, params) --paramiko exec--> JSON Lines --> RunResult.
+
+Parameters are checked before any SSH command runs; the run streams its
+progress records as events, is bounded by a timeout, and always returns a
+result (failed or timed out ones included) so it can be stored.
+"""
+from __future__ import annotations
+
+import json
+import shlex
+import time
+import uuid
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+from . import scenarios
+from .provision import ensure_provisioned
+from .vm import VM
+
+# Time the guest may need beyond the writers' own duration (verify, teardown;
+# TCG is slow).
+SLACK_SECONDS = 90.0
+
+
+@dataclass
+class RunResult:
+    """One scenario run with its provenance; what the results database keeps."""
+
+    run_id: str
+    started: float
+    lab: str
+    vm: str
+    image: str
+    image_key: str
+    kernel: str
+    accel: str
+    tools_version: str
+    scenario: str
+    scenario_name: str
+    params: dict[str, Any]
+    command: str
+    status: str = "failed"          # ok | inconsistent | failed | timeout
+    duration_s: float = 0.0
+    exit_code: int | None = None
+    error: str | None = None
+    expect_consistent: bool | None = None
+    config: dict | None = None
+    summary: dict | None = None
+    jsonl: str = ""                 # the raw JSON Lines
+    stderr: str = ""
+    serial_log: str | None = None   # kept for failed runs
+
+    @property
+    def consistent(self) -> bool | None:
+        return None if self.summary is None else bool(self.summary.get("consistent"))
+
+    @property
+    def as_expected(self) -> bool | None:
+        if self.consistent is None or self.expect_consistent is None:
+            return None
+        return self.consistent == self.expect_consistent
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+@dataclass
+class Prepared:
+    """A validated run, ready to execute on a provisioned VM."""
+
+    scenario: scenarios.Scenario
+    params: dict[str, Any]
+    timeout: float
+    argv: list[str] = field(default_factory=list)
+
+
+def prepare(vm: VM, scenario_key: str, params: dict[str, Any] | None = None,
+            timeout: float | None = None) -> Prepared:
+    """Check the scenario and parameters against the VM's spec, no SSH."""
+    sc = scenarios.get(scenario_key)
+    resolved = scenarios.resolve(sc, params or {})
+    scenarios.check_against(sc, resolved, vm.spec.memory, None)
+    limit = timeout if timeout is not None else resolved["duration"] + SLACK_SECONDS
+    if limit <= 0:
+        raise scenarios.ScenarioError(f"timeout: expected a positive number of seconds, "
+                                      f"got {limit!r}")
+    return Prepared(sc, resolved, limit)
+
+
+def run(vm: VM, scenario_key: str, params: dict[str, Any] | None = None,
+        timeout: float | None = None) -> RunResult:
+    """Bring the VM up and provision it if needed, then run one scenario."""
+    prep = prepare(vm, scenario_key, params, timeout)
+    vm.up(reuse=True)
+    facts = ensure_provisioned(vm)
+    scenarios.check_against(prep.scenario, prep.params, vm.spec.memory, facts["probe"])
+    return execute(vm, prep, facts)
+
+
+def execute(vm: VM, prep: Prepared, facts: dict) -> RunResult:
+    st = vm.state()
+    tools_dir = vm.lab.provision.tools_dir
+    # The guest tool's own --timeout fires first; the SSH one is the backstop.
+    argv = scenarios.command(prep.scenario, prep.params, tools_dir, prep.timeout)
+    cmd = shlex.join(argv)
+    res = RunResult(
+        run_id=uuid.uuid4().hex[:12], started=time.time(), lab=vm.lab.name, vm=vm.name,
+        image=st.image, image_key=st.image_key, kernel=st.kernel_release, accel=st.accel,
+        tools_version=facts.get("tools_version", "unknown"), scenario=prep.scenario.id,
+        scenario_name=prep.scenario.name, params=prep.params, command=cmd,
+        expect_consistent=prep.scenario.expect_consistent)
+    vm.emit("running", f"{prep.scenario.id} ({prep.scenario.name}): {cmd}",
+            run_id=res.run_id)
+    lines: list[str] = []
+
+    def on_line(line: str) -> None:
+        lines.append(line)
+        rec = _parse(line)
+        if rec and rec.get("type") == "progress":
+            vm.emit("progress", f"{rec.get('phase', '')}: {rec.get('pages_copied', 0)}/"
+                    f"{rec.get('pages_total', 0)} pages, {rec.get('faults', 0)} faults",
+                    done=rec.get("pages_copied", 0), total=rec.get("pages_total", 0),
+                    faults=rec.get("faults", 0), phase=rec.get("phase"))
+
+    t0 = time.monotonic()
+    try:
+        with vm.session() as s:
+            out = s.run(cmd, timeout=prep.timeout + 30, on_line=on_line)
+        res.exit_code, res.stderr = out.exit_status, out.stderr
+        _finish(res, lines)
+    except TimeoutError as e:
+        res.status, res.error = "timeout", str(e)
+    except Exception as e:                   # VM died, SSH broke: a failed run
+        res.status, res.error = "failed", f"{type(e).__name__}: {e}"
+    res.duration_s = round(time.monotonic() - t0, 3)
+    res.jsonl = "\n".join(lines)
+    if res.status in ("failed", "timeout"):
+        res.serial_log = vm.serial_tail(200)
+    vm.emit("running", f"{res.scenario}: {res.status} in {res.duration_s:.1f} s",
+            status=res.status, run_id=res.run_id)
+    return res
+
+
+def _finish(res: RunResult, lines: list[str]) -> None:
+    records = [r for r in map(_parse, lines) if r]
+    res.config = next((r for r in records if r.get("type") == "config"), None)
+    res.summary = next((r for r in records if r.get("type") == "summary"), None)
+    error = next((r for r in records if r.get("type") == "error"), None)
+    if res.exit_code == 0 and res.summary is not None:
+        res.status = "ok" if res.summary.get("consistent") else "inconsistent"
+        return
+    message = (error or {}).get("message") or res.stderr.strip() or "no summary record"
+    res.status = "timeout" if "timeout" in message.lower() and res.exit_code == 3 else "failed"
+    res.error = f"uffd-snapshot exited {res.exit_code}: {message}"
+
+
+def _parse(line: str) -> dict | None:
+    line = line.strip()
+    if not line.startswith("{"):
+        return None
+    try:
+        return json.loads(line)
+    except ValueError:
+        return None

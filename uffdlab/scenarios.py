@@ -1,0 +1,260 @@
+"""The scenario catalogue of DESIGN.md: each point of the 2021 linux-mm
+debate as a `uffd-snapshot` command line, with its parameters checked
+before anything runs."""
+from __future__ import annotations
+
+import difflib
+import re
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+from .config import format_size, parse_size
+
+
+class ScenarioError(ValueError):
+    pass
+
+
+@dataclass(frozen=True)
+class Param:
+    name: str
+    default: Any
+    help: str
+    parse: Callable[[str, Any], Any]
+
+
+def _int_range(lo: int, hi: int):
+    def parse(name: str, v: Any) -> int:
+        try:
+            n = int(v)
+        except (TypeError, ValueError):
+            raise ScenarioError(f"{name}: expected a whole number from {lo} to {hi}, got {v!r}")
+        if not lo <= n <= hi:
+            raise ScenarioError(f"{name}: expected a whole number from {lo} to {hi}, got {v!r}")
+        return n
+    return parse
+
+
+def _float_range(lo: float, hi: float):
+    def parse(name: str, v: Any) -> float:
+        try:
+            x = float(v)
+        except (TypeError, ValueError):
+            raise ScenarioError(f"{name}: expected seconds from {lo} to {hi}, got {v!r}")
+        if not lo < x <= hi:
+            raise ScenarioError(f"{name}: expected seconds above {lo} and at most {hi}, got {v!r}")
+        return x
+    return parse
+
+
+def _choice(*choices: str):
+    def parse(name: str, v: Any) -> str:
+        if v not in choices:
+            raise ScenarioError(f"{name}: expected one of {', '.join(choices)}, got {v!r}")
+        return v
+    return parse
+
+
+def _size(name: str, v: Any) -> str:
+    try:
+        n = parse_size(v)
+    except ValueError as e:
+        raise ScenarioError(f"{name}: {e}") from None
+    if n < 16 * 4096 or n % 4096:
+        raise ScenarioError(f"{name}: expected a multiple of 4K of at least 64K, got {v!r}")
+    return format_size(n)
+
+
+def _rate(name: str, v: Any) -> str:
+    if str(v) == "max":
+        return "max"
+    try:
+        if int(v) > 0:
+            return str(int(v))
+    except (TypeError, ValueError):
+        pass
+    raise ScenarioError(f"{name}: expected page writes per second (a positive number) "
+                        f"or 'max', got {v!r}")
+
+
+def _pattern(name: str, v: Any) -> str:
+    if v in ("uniform", "sequential") or re.fullmatch(r"hot:(0?\.\d+|1(\.0*)?)", str(v)):
+        return str(v)
+    raise ScenarioError(f"{name}: expected uniform, sequential or hot:FRACTION, got {v!r}")
+
+
+def _yes_no(name: str, v: Any) -> str:
+    if v in (True, "yes", "true", "1", 1):
+        return "yes"
+    if v in (False, "no", "false", "0", 0):
+        return "no"
+    raise ScenarioError(f"{name}: expected yes or no, got {v!r}")
+
+
+STRATEGIES = ("stop-the-world", "uffd-wp", "uffd-wp-staggered", "async-scan")
+BACKINGS = ("memfd", "shmem", "hugetlbfs", "anon")
+
+# Parameters every scenario takes; a scenario's own flags add more.
+COMMON = {p.name: p for p in (
+    Param("size", "32M", "guest RAM size", _size),
+    Param("writers", 4, "writer processes (vhost-user-backend role)", _int_range(1, 64)),
+    Param("backing", "memfd", "guest RAM backing: " + "|".join(BACKINGS), _choice(*BACKINGS)),
+    Param("strategy", "uffd-wp", "snapshot strategy: " + "|".join(STRATEGIES),
+          _choice(*STRATEGIES)),
+    Param("pattern", "uniform", "which pages writers hit: uniform|sequential|hot:F", _pattern),
+    Param("rate", "200000", "combined page writes/s, or max", _rate),
+    Param("duration", 1.0, "seconds the writers run", _float_range(0, 600)),
+    Param("populate", "no", "fault all RAM in before protecting (thread step 1b)", _yes_no),
+    Param("seed", 1, "random seed", _int_range(0, 2**31 - 1)),
+)}
+# Scenario-specific knobs a user may change, when the scenario uses them.
+EXTRA = {p.name: p for p in (
+    Param("unregistered", 1, "writers that map RAM but never register", _int_range(0, 64)),
+    Param("prefill", "yes", "write every page before the snapshot", _yes_no),
+    Param("unprotect", "all", "un-protect copied faulted pages in all|faulting", _choice(
+        "all", "faulting")),
+    Param("kernel_writes", "read", "read|process_vm_writev", _choice("read",
+                                                                     "process_vm_writev")),
+    Param("uffd_source", "syscall", "syscall|syscall-user-only|devuserfaultfd",
+          _choice("syscall", "syscall-user-only", "devuserfaultfd")),
+)}
+# Flags that are switches in uffd-snapshot.
+SWITCHES = ("fd_writes", "punch_hole", "fork_child", "zap_after_arm")
+
+
+@dataclass(frozen=True)
+class Scenario:
+    id: str
+    name: str
+    title: str
+    flags: dict[str, Any]
+    expect_consistent: bool | None      # on a correct kernel; None: it depends
+    min_kernel: str
+    needs: tuple[str, ...] = ()         # uffd features from the probe
+    note: str = ""
+    extra_params: tuple[str, ...] = field(default_factory=tuple)
+
+    @property
+    def params(self) -> dict[str, Param]:
+        """What `--param` accepts for this scenario, with its defaults."""
+        out = dict(COMMON)
+        for key in self.extra_params:
+            out[key] = EXTRA[key]
+        return out
+
+    def defaults(self) -> dict[str, Any]:
+        d = {k: p.default for k, p in self.params.items()}
+        d.update({k: v for k, v in self.flags.items() if k in self.params})
+        return d
+
+
+_WP = ("WP_HUGETLBFS_SHMEM",)
+CATALOGUE: tuple[Scenario, ...] = (
+    Scenario("S1", "stop-the-world", "pause writers, copy, resume",
+             {"strategy": "stop-the-world"}, True, "any",
+             note="consistent; the stall is the whole copy"),
+    Scenario("S2", "single-writer", "one registered writer (QEMU today)",
+             {"strategy": "uffd-wp", "writers": 1}, True, "5.19", _WP),
+    Scenario("S3", "multi-writer", "N registered writers, armed while quiesced, "
+             "un-protected in all", {"strategy": "uffd-wp", "unprotect": "all"},
+             True, "5.19", _WP, "at most one fault per page per process",
+             ("unprotect",)),
+    Scenario("S4", "staggered-arming", "arming process by process while writers run",
+             {"strategy": "uffd-wp-staggered"}, False, "5.19", _WP,
+             "writes between two armings are missed"),
+    Scenario("S5", "unregistered-writer", "one writer maps RAM but never registers",
+             {"strategy": "uffd-wp", "unregistered": 1}, False, "5.19", _WP,
+             "its writes are never seen", ("unregistered",)),
+    Scenario("S5-fork", "fork-child", "a writer's fork child writes (no EVENT_FORK)",
+             {"strategy": "uffd-wp", "writers": 2, "fork_child": True}, False, "5.19", _WP,
+             "the child's page tables carry no protection"),
+    Scenario("S6", "fd-writes", "a writer writes through pwrite() on the fd",
+             {"strategy": "uffd-wp", "writers": 2, "fd_writes": True}, False, "5.19", _WP,
+             "writes through the fd bypass every page table"),
+    Scenario("S6-punch", "punch-hole", "fallocate(PUNCH_HOLE) on the fd during the snapshot",
+             {"strategy": "uffd-wp", "writers": 2, "punch_hole": True}, False, "5.19", _WP),
+    Scenario("S7", "kernel-writes", "kernel-mode writes into the mapping (read(2))",
+             {"strategy": "uffd-wp", "writers": 1, "kernel_writes": "read",
+              "uffd_source": "syscall-user-only"}, True, "5.11", _WP,
+             "EFAULT with UFFD_USER_MODE_ONLY; with /dev/userfaultfd they fault",
+             ("kernel_writes", "uffd_source")),
+    Scenario("S8", "zap-after-arm", "MADV_DONTNEED after arming, then write",
+             {"strategy": "uffd-wp", "writers": 2, "zap_after_arm": True}, True, "5.19", _WP,
+             "the PTE marker survives the zap; the write faults"),
+    Scenario("S9", "populate", "populate before protect vs sparse; anonymous control",
+             {"strategy": "uffd-wp", "populate": "yes"}, True, "5.19", _WP,
+             "set populate=no prefill=no for sparse; backing=anon needs WP_UNPOPULATED",
+             ("prefill",)),
+    Scenario("S10", "async-scan", "WP_ASYNC + PAGEMAP_SCAN iterative tracking",
+             {"strategy": "async-scan"}, True, "6.7", ("WP_ASYNC",),
+             "no stall but a final pause; fd writes still unreported"),
+)
+BY_KEY = {s.id.lower(): s for s in CATALOGUE} | {s.name: s for s in CATALOGUE}
+
+
+def get(key: str) -> Scenario:
+    """A scenario by id (S3, s3) or readable name (multi-writer)."""
+    s = BY_KEY.get(key.lower())
+    if s is None:
+        close = difflib.get_close_matches(key.lower(), list(BY_KEY), n=1)
+        hint = f" (did you mean {close[0]!r}?)" if close else ""
+        raise ScenarioError(f"unknown scenario {key!r}{hint}; 'uffdlab run --list' shows "
+                            f"the catalogue")
+    return s
+
+
+def resolve(scenario: Scenario, params: dict[str, Any]) -> dict[str, Any]:
+    """Defaults merged with the given parameters, each parsed and checked."""
+    valid = scenario.params
+    unknown = sorted(set(params) - set(valid))
+    if unknown:
+        raise ScenarioError(f"{scenario.id}: unknown parameter {unknown[0]!r}; valid "
+                            f"parameters: {', '.join(sorted(valid))}")
+    merged = scenario.defaults() | params
+    return {k: valid[k].parse(k, v) for k, v in merged.items()}
+
+
+def check_against(scenario: Scenario, resolved: dict[str, Any], vm_memory: int,
+                  probe: dict | None) -> None:
+    """Refuse, before running, what this VM or its kernel cannot do."""
+    size = parse_size(resolved["size"])
+    if size > vm_memory // 2:
+        raise ScenarioError(f"size: {resolved['size']} of guest RAM does not fit a VM with "
+                            f"{format_size(vm_memory)} of memory (at most half of it, "
+                            f"{format_size(vm_memory // 2)}; the snapshot needs a copy)")
+    if probe is None:
+        return
+    features = probe.get("features", {})
+    needs = set(scenario.needs)
+    if resolved["strategy"] == "async-scan":
+        needs.add("WP_ASYNC")
+    if resolved["backing"] == "anon" and resolved["populate"] == "no":
+        needs.add("WP_UNPOPULATED")
+    if resolved["strategy"] == "stop-the-world":
+        needs.discard("WP_HUGETLBFS_SHMEM")
+    for feat in sorted(needs):
+        if not features.get(feat):
+            first = probe.get("feature_min_kernel", {}).get(feat, "?")
+            raise ScenarioError(f"{scenario.id}: the guest kernel {probe.get('kernel')} lacks "
+                                f"UFFD_FEATURE_{feat} (first in Linux {first})")
+    if resolved.get("uffd_source") == "devuserfaultfd" and not probe.get("dev_userfaultfd"):
+        raise ScenarioError(f"{scenario.id}: /dev/userfaultfd is not usable in the guest "
+                            f"(Linux 6.1+)")
+    if resolved["backing"] == "hugetlbfs" and not probe.get("wp_register", {}).get("hugetlbfs"):
+        raise ScenarioError(f"{scenario.id}: hugetlbfs backing needs free huge pages in the "
+                            f"guest: set provision.hugepages in lab.yml")
+
+
+def command(scenario: Scenario, resolved: dict[str, Any], tools_dir: str,
+            timeout: float) -> list[str]:
+    """The uffd-snapshot argv for a resolved scenario."""
+    argv = [f"{tools_dir}/bin/uffd-snapshot"]
+    flags = {**{k: v for k, v in scenario.flags.items() if k not in resolved}, **resolved}
+    for key, value in flags.items():
+        flag = "--" + key.replace("_", "-")
+        if key in SWITCHES:
+            if value:
+                argv.append(flag)
+        else:
+            argv += [flag, str(value)]
+    return argv + ["--verify", "--timeout", f"{timeout:g}"]
