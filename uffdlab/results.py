@@ -1,0 +1,647 @@
+"""results.store(RunResult) --SQLite--> pandas DataFrames.
+
+The results database is one SQLite file (the `results` path of `lab.yml`):
+
+* `runs`: one row per run: provenance (lab, vm, image hash, kernel, accel,
+  guest-tools version), the scenario and its parameters (JSON), status,
+  duration, exit code, error, and the summary's main metrics as real columns;
+  the full `summary` and `config` records are kept as JSON next to them.
+* `latency_hist` (run_id, bound_us, count): the fault latency histogram.
+* `faults` (run_id, process, faults): snapshot faults per writer process.
+* `mismatches` (run_id, cause, pages): mismatched pages by cause.
+* `logs` (run_id, jsonl, stderr, serial_log): one row for every run with the
+  raw JSON Lines and stderr; `serial_log` is whatever the runner captured,
+  which is the guest console tail of failed and timed-out runs (NULL for
+  runs that ended normally).
+
+Writes are atomic: `store()` writes a run and all its rows in one
+`BEGIN IMMEDIATE ... COMMIT` transaction, so a crash or kill mid-write leaves
+no trace of that run. The database runs in WAL mode (readers never block the
+writer, nor see its uncommitted rows). `PRAGMA user_version` holds the schema
+version; `MIGRATIONS` is the ordered list of steps, and opening an older
+database upgrades it in place, in one transaction.
+
+A run id is stored once: storing the same run id again raises
+`DuplicateRunError`, unless `store(result, replace=True)` is asked for, which
+replaces the whole run (all its rows) in the same single transaction.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import sqlite3
+import sys
+import threading
+import time
+from dataclasses import asdict, dataclass, is_dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Iterable, Mapping
+
+if TYPE_CHECKING:                      # runner pulls in SSH/Ansible; keep load() light
+    import pandas as pd
+
+    from .config import Lab
+    from .runner import RunResult
+
+STATUSES = ("ok", "inconsistent", "failed", "timeout")
+
+# Test hook (the atomicity test): with UFFDLAB_TEST_STORE_PAUSE=runs (or
+# =logs) store() announces itself on stderr and sleeps inside its transaction
+# right after inserting the runs row (or the logs row, the last one) so a test
+# can SIGKILL it mid-write.
+_PAUSE_ENV = "UFFDLAB_TEST_STORE_PAUSE"
+
+
+class ResultsError(Exception):
+    """A results database that cannot be used, or a request it cannot answer."""
+
+
+class DuplicateRunError(ResultsError):
+    """store() of a run id that is already in the database (without replace=True)."""
+
+
+class RunNotFoundError(ResultsError, LookupError):
+    """get() of a run id (or prefix) that matches no run."""
+
+
+# -- schema -------------------------------------------------------------------
+
+# Summary metrics kept as real columns of `runs` in schema v1:
+# column -> path of keys in uffd-snapshot's summary record.
+_V1_METRICS: dict[str, tuple[str, ...]] = {
+    "pages": ("pages",),
+    "bytes": ("bytes",),
+    "snapshot_ms": ("snapshot_ms",),
+    "throughput_mb_s": ("throughput_mb_s",),
+    "pause_ms": ("pause_ms",),
+    "faults_total": ("faults_total",),
+    "lat_p50_us": ("fault_latency_us", "p50"),
+    "lat_p90_us": ("fault_latency_us", "p90"),
+    "lat_p99_us": ("fault_latency_us", "p99"),
+    "lat_p999_us": ("fault_latency_us", "p999"),
+    "lat_max_us": ("fault_latency_us", "max"),
+    "stall_max_ms": ("writer_stall_max_ms",),
+    "stall_total_ms": ("writer_stall_total_ms",),
+    "ops_before": ("writer_ops_per_s_before",),
+    "ops_during": ("writer_ops_per_s_during",),
+    "pages_populated": ("pages_populated",),
+    "rss_kb_delta": ("rss_kb_delta",),
+    "vmpte_kb_delta": ("vmpte_kb_delta",),
+    "mismatched_pages": ("mismatched_pages",),
+}
+# Added by the v2 migration (backfilled from the stored summary JSON).
+_V2_METRICS: dict[str, tuple[str, ...]] = {
+    "copy_ms": ("copy_ms",),
+    "populate_ms": ("populate_ms",),
+    "lat_mean_us": ("fault_latency_us", "mean"),
+}
+METRICS = {**_V1_METRICS, **_V2_METRICS}
+_INTEGER_METRICS = {"pages", "bytes", "faults_total", "pages_populated", "rss_kb_delta",
+                    "vmpte_kb_delta", "mismatched_pages"}
+
+
+def _metric_ddl(metrics: Mapping[str, tuple[str, ...]]) -> str:
+    return ",\n    ".join(f"{c} {'INTEGER' if c in _INTEGER_METRICS else 'REAL'}"
+                          for c in metrics)
+
+
+_V1 = [
+    f"""CREATE TABLE runs (
+    run_id TEXT PRIMARY KEY,
+    started REAL NOT NULL,
+    lab TEXT, vm TEXT, image TEXT, image_key TEXT, kernel TEXT, accel TEXT,
+    tools_version TEXT,
+    scenario TEXT NOT NULL, scenario_name TEXT,
+    params TEXT NOT NULL DEFAULT '{{}}',
+    command TEXT,
+    status TEXT NOT NULL,
+    duration_s REAL, exit_code INTEGER, error TEXT,
+    expect_consistent INTEGER, consistent INTEGER,
+    {_metric_ddl(_V1_METRICS)},
+    summary TEXT, config TEXT)""",
+    """CREATE TABLE latency_hist (
+    run_id TEXT NOT NULL REFERENCES runs(run_id) ON DELETE CASCADE,
+    bound_us REAL NOT NULL, count INTEGER NOT NULL,
+    PRIMARY KEY (run_id, bound_us))""",
+    """CREATE TABLE faults (
+    run_id TEXT NOT NULL REFERENCES runs(run_id) ON DELETE CASCADE,
+    process INTEGER NOT NULL, faults INTEGER NOT NULL,
+    PRIMARY KEY (run_id, process))""",
+    """CREATE TABLE mismatches (
+    run_id TEXT NOT NULL REFERENCES runs(run_id) ON DELETE CASCADE,
+    cause TEXT NOT NULL, pages INTEGER NOT NULL,
+    PRIMARY KEY (run_id, cause))""",
+    """CREATE TABLE logs (
+    run_id TEXT PRIMARY KEY REFERENCES runs(run_id) ON DELETE CASCADE,
+    jsonl TEXT, stderr TEXT, serial_log TEXT)""",
+]
+
+
+def _json_path(path: tuple[str, ...]) -> str:
+    return "$." + ".".join(path)
+
+
+# v2: more summary metrics as columns (backfilled from the summary JSON of the
+# runs already stored) and indexes for the usual filters (newest first, by
+# scenario, by VM).
+_V2 = [
+    *(f"ALTER TABLE runs ADD COLUMN {c} {'INTEGER' if c in _INTEGER_METRICS else 'REAL'}"
+      for c in _V2_METRICS),
+    "UPDATE runs SET " + ", ".join(f"{c} = json_extract(summary, '{_json_path(p)}')"
+                                   for c, p in _V2_METRICS.items())
+    + " WHERE summary IS NOT NULL AND json_valid(summary)",
+    "CREATE INDEX IF NOT EXISTS runs_started ON runs(started)",
+    "CREATE INDEX IF NOT EXISTS runs_scenario ON runs(scenario, started)",
+    "CREATE INDEX IF NOT EXISTS runs_scenario_name ON runs(scenario_name, started)",
+    "CREATE INDEX IF NOT EXISTS runs_vm ON runs(vm, started)",
+]
+
+# MIGRATIONS[i] upgrades a database at schema version i to version i + 1.
+MIGRATIONS: list[list[str]] = [_V1, _V2]
+SCHEMA_VERSION = len(MIGRATIONS)
+
+_RUN_FIELDS = ("run_id", "started", "lab", "vm", "image", "image_key", "kernel", "accel",
+               "tools_version", "scenario", "scenario_name", "params", "command", "status",
+               "duration_s", "exit_code", "error", "expect_consistent", "consistent",
+               *METRICS, "summary", "config")
+# What runs() returns: everything in `runs` but the bulky JSON records.
+_LIST_FIELDS = tuple(f for f in _RUN_FIELDS if f not in ("summary", "config"))
+
+
+# -- helpers ------------------------------------------------------------------
+
+def _clean(obj: Any) -> Any:
+    """JSON-safe copy: NaN/inf become null (SQLite's JSON functions reject them)."""
+    if isinstance(obj, float):
+        return obj if math.isfinite(obj) else None
+    if isinstance(obj, Mapping):
+        return {str(k): _clean(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_clean(v) for v in obj]
+    return obj
+
+
+def _dumps(obj: Any) -> str | None:
+    return None if obj is None else json.dumps(_clean(obj), allow_nan=False,
+                                                separators=(",", ":"), default=str)
+
+
+def _num(v: Any) -> int | float | None:
+    if isinstance(v, bool) or not isinstance(v, (int, float)):
+        return None
+    return v if isinstance(v, int) or math.isfinite(v) else None
+
+
+def _dig(d: Any, path: tuple[str, ...]) -> Any:
+    for key in path:
+        if not isinstance(d, Mapping):
+            return None
+        d = d.get(key)
+    return d
+
+
+def _tri(v: Any) -> int | None:
+    return None if v is None else int(bool(v))
+
+
+def _as_fields(result: Any) -> dict[str, Any]:
+    if isinstance(result, Mapping):
+        return dict(result)
+    if hasattr(result, "to_dict"):
+        return result.to_dict()
+    if is_dataclass(result):
+        return asdict(result)
+    raise TypeError(f"store: expected a RunResult, got {type(result).__name__}")
+
+
+def _rows_for(fields: dict[str, Any]) -> tuple[dict, list, list, list, tuple]:
+    """Validate one run and split it into the rows of every table."""
+    run_id = fields.get("run_id")
+    if not isinstance(run_id, str) or not run_id.strip():
+        raise ValueError(f"run_id: expected a non-empty string, got {run_id!r}")
+    status = fields.get("status")
+    if status not in STATUSES:
+        raise ValueError(f"status: expected one of {', '.join(STATUSES)}, got {status!r}")
+    if not fields.get("scenario"):
+        raise ValueError(f"scenario: expected a scenario id like S3, got "
+                         f"{fields.get('scenario')!r}")
+    started = _num(fields.get("started"))
+    if started is None:
+        raise ValueError(f"started: expected a Unix time in seconds, got "
+                         f"{fields.get('started')!r}")
+    summary = fields.get("summary")
+    if summary is not None and not isinstance(summary, Mapping):
+        raise ValueError(f"summary: expected the summary record (a dict) or None, got "
+                         f"{type(summary).__name__}")
+    params = fields.get("params") or {}
+    if not isinstance(params, Mapping):
+        raise ValueError(f"params: expected a dict, got {type(params).__name__}")
+    summary = summary or None
+
+    run = {k: fields.get(k) for k in ("run_id", "lab", "vm", "image", "image_key", "kernel",
+                                      "accel", "tools_version", "scenario", "scenario_name",
+                                      "command", "status", "error")}
+    run.update(started=started, params=_dumps(params),
+               duration_s=_num(fields.get("duration_s")),
+               exit_code=_num(fields.get("exit_code")),
+               expect_consistent=_tri(fields.get("expect_consistent")),
+               consistent=_tri(summary.get("consistent")) if summary else None,
+               summary=_dumps(summary), config=_dumps(fields.get("config")))
+    for col, path in METRICS.items():
+        run[col] = _num(_dig(summary, path))
+
+    # Child rows. The summary is kept whole as JSON, so a malformed part of
+    # it is skipped here rather than losing the run.
+    hist: dict[float, int] = {}
+    h = _dig(summary, ("fault_latency_hist",))
+    if isinstance(h, Mapping) and isinstance(h.get("bounds_us"), list) \
+            and isinstance(h.get("counts"), list):
+        for b, c in zip(h["bounds_us"], h["counts"]):
+            if _num(b) is not None and _num(c) is not None:
+                hist[float(b)] = hist.get(float(b), 0) + int(c)
+    latency = [(run_id, b, c) for b, c in sorted(hist.items())]
+    fpp = _dig(summary, ("faults_per_process",))
+    faults = [(run_id, i, int(n)) for i, n in enumerate(fpp if isinstance(fpp, list) else [])
+              if _num(n) is not None]
+    mbc = _dig(summary, ("mismatches_by_cause",))
+    mism = [(run_id, str(c), int(n)) for c, n in (mbc.items() if isinstance(mbc, Mapping)
+                                                  else []) if _num(n) is not None]
+    logs = (run_id, fields.get("jsonl") or "", fields.get("stderr") or "",
+            fields.get("serial_log"))
+    return run, latency, faults, mism, logs
+
+
+def _test_pause(stage: str, run_id: str) -> None:
+    if os.environ.get(_PAUSE_ENV) == stage:
+        sys.stderr.write(f"store-paused {stage} {run_id}\n")
+        sys.stderr.flush()
+        time.sleep(120)
+
+
+def _bool_or_none(v: Any) -> bool | None:
+    return None if v is None else bool(v)
+
+
+# -- the database -------------------------------------------------------------
+
+class ResultsDB:
+    """The results database at `path` (created, with its parent directories,
+    when missing; upgraded in place when its schema is older)."""
+
+    def __init__(self, path: str | os.PathLike):
+        self.path = Path(path).expanduser()
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self._lock = threading.RLock()
+        try:
+            self._conn = sqlite3.connect(self.path, timeout=30.0, isolation_level=None,
+                                         check_same_thread=False)
+        except sqlite3.Error as e:
+            raise ResultsError(f"{self.path}: cannot open the results database: {e}") from e
+        self._conn.row_factory = sqlite3.Row
+        try:
+            mode = self._conn.execute("PRAGMA journal_mode=WAL").fetchone()[0]
+            if mode.lower() != "wal":
+                raise ResultsError(f"{self.path}: cannot switch the results database to WAL "
+                                   f"mode (journal mode is {mode})")
+            self._conn.execute("PRAGMA synchronous=FULL")
+            self._conn.execute("PRAGMA foreign_keys=ON")
+            self._migrate()
+        except sqlite3.DatabaseError as e:
+            self._conn.close()
+            raise ResultsError(f"{self.path}: not a usable results database: {e}") from e
+        except BaseException:
+            self._conn.close()
+            raise
+
+    # -- schema --
+    @property
+    def schema_version(self) -> int:
+        return self._conn.execute("PRAGMA user_version").fetchone()[0]
+
+    def _migrate(self) -> None:
+        if self._check_version() == SCHEMA_VERSION:
+            return
+        conn = self._conn
+        conn.execute("BEGIN IMMEDIATE")       # one upgrader at a time; re-read inside
+        try:
+            start = self._check_version()
+            for version in range(start, SCHEMA_VERSION):
+                try:
+                    for stmt in MIGRATIONS[version]:
+                        conn.execute(stmt)
+                except sqlite3.Error as e:
+                    raise ResultsError(f"{self.path}: cannot upgrade the results database "
+                                       f"from schema v{version} to v{version + 1}: {e}") from e
+                conn.execute(f"PRAGMA user_version = {version + 1}")
+            conn.execute("COMMIT")
+        except BaseException:
+            if conn.in_transaction:
+                conn.execute("ROLLBACK")
+            raise
+
+    def _check_version(self) -> int:
+        v = self.schema_version
+        if v > SCHEMA_VERSION:
+            raise ResultsError(f"{self.path}: results database schema v{v} is newer than "
+                               f"this uffdlab understands (v{SCHEMA_VERSION}); upgrade uffdlab")
+        return v
+
+    # -- writing --
+    def store(self, result: "RunResult | Mapping[str, Any]", *, replace: bool = False) -> str:
+        """Write one run and all its rows in a single transaction; returns its id.
+
+        A run id already stored is a `DuplicateRunError`, unless `replace`,
+        which swaps the old run for this one (in the same transaction).
+        """
+        run, latency, faults, mism, logs = _rows_for(_as_fields(result))
+        run_id = run["run_id"]
+        cols = ", ".join(run)
+        marks = ", ".join(f":{c}" for c in run)
+        with self._lock:
+            conn = self._conn
+            conn.execute("BEGIN IMMEDIATE")
+            try:
+                if replace:
+                    for table in ("latency_hist", "faults", "mismatches", "logs", "runs"):
+                        conn.execute(f"DELETE FROM {table} WHERE run_id = ?", (run_id,))
+                try:
+                    conn.execute(f"INSERT INTO runs ({cols}) VALUES ({marks})", run)
+                except sqlite3.IntegrityError as e:
+                    raise DuplicateRunError(f"run {run_id} is already in {self.path}; "
+                                            f"store(..., replace=True) replaces it") from e
+                _test_pause("runs", run_id)
+                conn.executemany("INSERT INTO latency_hist (run_id, bound_us, count) "
+                                 "VALUES (?, ?, ?)", latency)
+                conn.executemany("INSERT INTO faults (run_id, process, faults) "
+                                 "VALUES (?, ?, ?)", faults)
+                conn.executemany("INSERT INTO mismatches (run_id, cause, pages) "
+                                 "VALUES (?, ?, ?)", mism)
+                conn.execute("INSERT INTO logs (run_id, jsonl, stderr, serial_log) "
+                             "VALUES (?, ?, ?, ?)", logs)
+                _test_pause("logs", run_id)
+                conn.execute("COMMIT")
+            except BaseException:
+                if conn.in_transaction:
+                    conn.execute("ROLLBACK")
+                raise
+        return run_id
+
+    # -- reading --
+    @staticmethod
+    def _filters(scenario: str | None = None, status: str | None = None,
+                 vm: str | None = None) -> tuple[str, list]:
+        where, args = [], []
+        if scenario is not None:
+            where.append("(scenario = ? COLLATE NOCASE OR scenario_name = ? COLLATE NOCASE)")
+            args += [scenario, scenario]
+        if status is not None:
+            if status not in STATUSES:
+                raise ValueError(f"status: expected one of {', '.join(STATUSES)}, "
+                                 f"got {status!r}")
+            where.append("status = ?")
+            args.append(status)
+        if vm is not None:
+            where.append("vm = ?")
+            args.append(vm)
+        return (" WHERE " + " AND ".join(where)) if where else "", args
+
+    @staticmethod
+    def _limit(last: int | None) -> tuple[str, list]:
+        if last is None:
+            return "", []
+        if isinstance(last, bool) or not isinstance(last, int) or last <= 0:
+            raise ValueError(f"last: expected a positive number of runs, got {last!r}")
+        return " LIMIT ?", [last]
+
+    def _select_ids(self, last, scenario, status, vm) -> tuple[str, list]:
+        """SQL selecting the matching run ids (newest `last` of them)."""
+        where, args = self._filters(scenario, status, vm)
+        limit, largs = self._limit(last)
+        return (f"SELECT run_id FROM runs{where} ORDER BY started DESC, rowid DESC{limit}",
+                args + largs)
+
+    def runs(self, last: int | None = None, scenario: str | None = None,
+             status: str | None = None, vm: str | None = None) -> list[dict]:
+        """Matching runs, oldest first (`last`: only the newest N of them).
+
+        `scenario` is an id (S3) or a readable name (multi-writer), any case.
+        Each dict has the `runs` columns but the summary/config JSON (see
+        get()), with `params` decoded and the consistency columns as bools.
+        """
+        ids, args = self._select_ids(last, scenario, status, vm)
+        with self._lock:
+            rows = self._conn.execute(
+                f"SELECT {', '.join(_LIST_FIELDS)} FROM runs WHERE run_id IN ({ids}) "
+                f"ORDER BY started, rowid", args).fetchall()
+        return [self._decode(r) for r in rows]
+
+    @staticmethod
+    def _decode(row: sqlite3.Row) -> dict:
+        d = dict(row)
+        for k in ("params", "summary", "config"):
+            if k in d:
+                d[k] = json.loads(d[k]) if d[k] is not None else ({} if k == "params" else None)
+        for k in ("expect_consistent", "consistent"):
+            d[k] = _bool_or_none(d.get(k))
+        return d
+
+    def _resolve_id(self, run_id: str) -> str:
+        conn = self._conn
+        if conn.execute("SELECT 1 FROM runs WHERE run_id = ?", (run_id,)).fetchone():
+            return run_id
+        escaped = run_id.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_")
+        found = [r[0] for r in conn.execute(
+            "SELECT run_id FROM runs WHERE run_id LIKE ? ESCAPE '\\' LIMIT 5",
+            (escaped + "%",)).fetchall()] if run_id else []
+        if len(found) == 1:
+            return found[0]
+        if not found:
+            raise RunNotFoundError(f"no run {run_id!r} in {self.path}")
+        raise RunNotFoundError(f"run id {run_id!r} is ambiguous in {self.path}: it starts "
+                               f"{', '.join(found)}{'...' if len(found) == 5 else ''}")
+
+    def get(self, run_id: str) -> dict:
+        """Everything stored for one run (an id, or a unique prefix of one).
+
+        The `runs` columns with params/summary/config decoded, plus
+        `latency_hist` [{bound_us, count}], `faults_per_process` [int],
+        `mismatches_by_cause` {cause: pages}, and `jsonl`, `stderr`,
+        `serial_log` from `logs`.
+        """
+        with self._lock:
+            conn = self._conn
+            conn.execute("BEGIN")                # one consistent snapshot
+            try:
+                rid = self._resolve_id(run_id)
+                d = self._decode(conn.execute("SELECT * FROM runs WHERE run_id = ?",
+                                              (rid,)).fetchone())
+                d["latency_hist"] = [dict(r) for r in conn.execute(
+                    "SELECT bound_us, count FROM latency_hist WHERE run_id = ? "
+                    "ORDER BY bound_us", (rid,))]
+                d["faults_per_process"] = [r[0] for r in conn.execute(
+                    "SELECT faults FROM faults WHERE run_id = ? ORDER BY process", (rid,))]
+                d["mismatches_by_cause"] = {r[0]: r[1] for r in conn.execute(
+                    "SELECT cause, pages FROM mismatches WHERE run_id = ? ORDER BY cause",
+                    (rid,))}
+                log = conn.execute("SELECT jsonl, stderr, serial_log FROM logs "
+                                   "WHERE run_id = ?", (rid,)).fetchone()
+                d.update(dict(log) if log else {"jsonl": "", "stderr": "",
+                                                 "serial_log": None})
+            finally:
+                conn.execute("COMMIT")
+        return d
+
+    def get_result(self, run_id: str) -> "RunResult":
+        """The stored run as a RunResult again."""
+        from dataclasses import fields
+
+        from .runner import RunResult
+        d = self.get(run_id)
+        return RunResult(**{f.name: d[f.name] for f in fields(RunResult) if f.name in d})
+
+    # -- lifetime --
+    def close(self) -> None:
+        with self._lock:
+            self._conn.close()
+
+    def __enter__(self) -> "ResultsDB":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        return f"ResultsDB({str(self.path)!r})"
+
+
+# -- pandas -------------------------------------------------------------------
+
+@dataclass
+class Frames:
+    """Tidy DataFrames for notebooks (all restricted to the same runs).
+
+    runs: one row per run, oldest first: the `runs` columns, `started_at`
+      (UTC datetime), `as_expected`, and each parameter as `param_<name>`.
+    latency: run_id, bound_us, count, cdf (per run, rising to 1).
+    faults: run_id, process, faults.
+    mismatches: run_id, cause, pages.
+    """
+
+    runs: "pd.DataFrame"
+    latency: "pd.DataFrame"
+    faults: "pd.DataFrame"
+    mismatches: "pd.DataFrame"
+
+    def __repr__(self) -> str:
+        return (f"Frames(runs={len(self.runs)}, latency={len(self.latency)}, "
+                f"faults={len(self.faults)}, mismatches={len(self.mismatches)})")
+
+
+def _path_of(source: "str | os.PathLike | Lab") -> Path:
+    p = getattr(source, "results_path", None)
+    return Path(p if p is not None else source).expanduser()
+
+
+def load(source: "str | os.PathLike | Lab", last: int | None = None,
+         scenario: str | None = None, vm: str | None = None,
+         status: str | None = None) -> Frames:
+    """Runs from the results database at `source` (a path, or a Lab: its
+    `results_path`) as tidy DataFrames; filters as in ResultsDB.runs()."""
+    import pandas as pd
+
+    path = _path_of(source)
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: no results database (no run stored yet?)")
+    with ResultsDB(path) as db:
+        ids, args = db._select_ids(last, scenario, status, vm)
+        conn = db._conn
+        with db._lock:
+            conn.execute("BEGIN")                # all frames from one snapshot
+            try:
+                runs = pd.read_sql_query(
+                    f"SELECT {', '.join(_LIST_FIELDS)} FROM runs WHERE run_id IN ({ids}) "
+                    f"ORDER BY started, rowid", conn, params=args)
+
+                def child(table: str, cols: str, order: str) -> pd.DataFrame:
+                    return pd.read_sql_query(
+                        f"SELECT {cols} FROM {table} c JOIN runs r USING (run_id) "
+                        f"WHERE c.run_id IN ({ids}) ORDER BY r.started, r.rowid, {order}",
+                        conn, params=args)
+
+                latency = child("latency_hist", "c.run_id, c.bound_us, c.count", "c.bound_us")
+                faults = child("faults", "c.run_id, c.process, c.faults", "c.process")
+                mism = child("mismatches", "c.run_id, c.cause, c.pages", "c.cause")
+            finally:
+                conn.execute("COMMIT")
+
+    for col in ("expect_consistent", "consistent"):
+        runs[col] = runs[col].astype("boolean")
+    for col in sorted(_INTEGER_METRICS) + ["exit_code"]:    # NULLs would make them float
+        runs[col] = runs[col].astype("Int64")
+    runs.insert(2, "started_at", pd.to_datetime(runs["started"], unit="s", utc=True))
+    runs["as_expected"] = (runs["consistent"] == runs["expect_consistent"]).astype("boolean")
+    params = [json.loads(p) if p else {} for p in runs["params"]]
+    names = sorted({k for p in params for k in p})
+    flat = pd.DataFrame(
+        {f"param_{k}": [(_dumps(p.get(k)) if isinstance(p.get(k), (dict, list))
+                         else p.get(k)) for p in params] for k in names},
+        index=runs.index)
+    runs = pd.concat([runs.drop(columns=["params"]), flat], axis=1)
+
+    latency["count"] = latency["count"].astype("int64")
+    totals = latency.groupby("run_id")["count"].transform("sum")
+    latency["cdf"] = (latency.groupby("run_id")["count"].cumsum() / totals).astype(float)
+    return Frames(runs=runs, latency=latency, faults=faults, mismatches=mism)
+
+
+# -- text table ---------------------------------------------------------------
+
+def _fmt_num(v: Any) -> str:
+    if v is None or (isinstance(v, float) and not math.isfinite(v)):
+        return "-"
+    if isinstance(v, int):
+        return str(v)
+    a = abs(v)
+    return f"{v:.0f}" if a >= 100 else f"{v:.1f}" if a >= 10 else f"{v:.2f}"
+
+
+_TABLE = (  # header, row -> text, right-aligned
+    ("id", lambda r: str(r.get("run_id") or ""), False),
+    ("time", lambda r: time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(r["started"]))
+     if r.get("started") is not None else "-", False),
+    ("vm", lambda r: str(r.get("vm") or "-"), False),
+    ("kernel", lambda r: str(r.get("kernel") or "-"), False),
+    ("accel", lambda r: str(r.get("accel") or "-"), False),
+    ("scenario", lambda r: " ".join(str(x) for x in (r.get("scenario"), r.get("scenario_name"))
+                                    if x), False),
+    ("status", lambda r: str(r.get("status") or "-") + (
+        " (!)" if r.get("consistent") is not None and r.get("expect_consistent") is not None
+        and bool(r["consistent"]) != bool(r["expect_consistent"]) else ""), False),
+    ("snapshot ms", lambda r: _fmt_num(r.get("snapshot_ms")), True),
+    ("p99 us", lambda r: _fmt_num(r.get("lat_p99_us")), True),
+    ("max stall ms", lambda r: _fmt_num(r.get("stall_max_ms")), True),
+    ("faults", lambda r: _fmt_num(r.get("faults_total")), True),
+    ("mismatched", lambda r: _fmt_num(r.get("mismatched_pages")), True),
+)
+
+
+def format_table(rows: Iterable[Mapping[str, Any]]) -> str:
+    """A compact text table of runs (the dicts of ResultsDB.runs()) for
+    `uffdlab results`. A status marked (!) is a consistency verdict that
+    differs from what the scenario expects on a correct kernel."""
+    rows = list(rows)
+    if not rows:
+        return "no runs"
+    cells = [[fmt(r) for _, fmt, _ in _TABLE] for r in rows]
+    heads = [h for h, _, _ in _TABLE]
+    widths = [max(len(h), *(len(c[i]) for c in cells)) for i, h in enumerate(heads)]
+
+    def line(values: list[str]) -> str:
+        return "  ".join(v.rjust(w) if right else v.ljust(w)
+                         for v, w, (_, _, right) in zip(values, widths, _TABLE)).rstrip()
+
+    out = [line(heads), line(["-" * w for w in widths]), *(line(c) for c in cells)]
+    if any(c[6].endswith("(!)") for c in cells):
+        out.append("(!) consistency differs from the scenario's expectation")
+    return "\n".join(out)
