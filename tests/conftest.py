@@ -31,30 +31,37 @@ def session_dir(tmp_path_factory) -> Path:
     return tmp_path_factory.mktemp("lab")
 
 
+# The VM shape notebooks default to: tests and notebooks share these VMs.
+VM_MEMORY, VM_CPUS = "1536M", 2
+
+
 @pytest.fixture(scope="session")
 def test_lab(session_dir):
-    """One VM per shipped image, small enough for two at once under TCG."""
+    """The shipped images and a lab file of the tests' own."""
     path = write_lab(session_dir / "lab.yml", {
-        "t-trixie": {"image": "trixie", "memory": "1536M", "cpus": 2},
-        "t-bookworm": {"image": "bookworm", "memory": "1G", "cpus": 1},
+        "t-scratch": {"image": "trixie", "memory": "512M", "cpus": 1},
     })
     return load_lab(path)
 
 
+def _parallel(fn, items):
+    with concurrent.futures.ThreadPoolExecutor(len(items)) as pool:
+        return [f.result() for f in [pool.submit(fn, x) for x in items]]
+
+
 @pytest.fixture(scope="session")
 def running_vms(test_lab):
-    """Both test VMs, booted in parallel once for the whole session."""
+    """A VM per shipped image, booted in parallel once for the whole session
+    and named by shape (api.vm_for), so notebooks under test reuse them."""
+    from uffdlab.api import vm_for
     from uffdlab.images import ImageStore
-    from uffdlab.vm import VM
 
     store = ImageStore(test_lab)
     for name in test_lab.images:          # builds are CPU-bound: one at a time
         store.build(name)
-    vms = {name: VM(test_lab, name) for name in test_lab.vms}
+    vms = {img: vm_for(test_lab, img, VM_MEMORY, VM_CPUS) for img in ("trixie", "bookworm")}
     try:
-        with concurrent.futures.ThreadPoolExecutor(len(vms)) as pool:
-            for fut in [pool.submit(vm.up, True) for vm in vms.values()]:
-                fut.result()
+        _parallel(lambda vm: vm.up(reuse=True), list(vms.values()))
         yield vms
     finally:
         for vm in vms.values():
@@ -62,10 +69,18 @@ def running_vms(test_lab):
 
 
 @pytest.fixture(scope="session")
+def provisioned(running_vms):
+    """Both VMs provisioned (in parallel); the first provisioning results."""
+    from uffdlab.provision import provision
+    results = _parallel(provision, list(running_vms.values()))
+    return dict(zip(running_vms, results))
+
+
+@pytest.fixture(scope="session")
 def trixie_vm(running_vms):
-    return running_vms["t-trixie"]
+    return running_vms["trixie"]
 
 
 @pytest.fixture(scope="session")
 def bookworm_vm(running_vms):
-    return running_vms["t-bookworm"]
+    return running_vms["bookworm"]

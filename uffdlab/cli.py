@@ -103,7 +103,7 @@ def cmd_ssh(args) -> int:
 
 
 def cmd_status(args) -> int:
-    from .vm import all_vms, stale_dirs, sweep_dir
+    from .vm import all_vms, other_running, stale_dirs, sweep_dir
     lab = _lab(args)
     for d in stale_dirs(lab):
         sweep_dir(d)
@@ -116,17 +116,23 @@ def cmd_status(args) -> int:
             rows.append([vm.name, st.image, "up" if st.ssh_ready else "booting",
                          st.kernel_release, st.accel, str(st.ssh_port),
                          f"{time.time() - st.started:.0f} s"])
+    for d, st in other_running(lab):
+        rows.append([d.name, st.image, "up" if st.ssh_ready else "booting", st.kernel_release,
+                     st.accel, str(st.ssh_port), f"{time.time() - st.started:.0f} s"])
     table(["vm", "image", "state", "kernel", "accel", "ssh port", "uptime"], rows)
     return EXIT_OK
 
 
 def cmd_down(args) -> int:
-    from .vm import VM, all_vms, stale_dirs, sweep_dir
+    from .vm import VM, all_vms, other_running, stale_dirs, stop_dir, sweep_dir
     lab = _lab(args)
     if args.all:
         for d in stale_dirs(lab):
             sweep_dir(d)
-            print(f"{d.name}: swept (no longer in lab.yml)")
+            print(f"{d.name}: swept (its processes were gone)")
+        for d, _ in other_running(lab):
+            stop_dir(d)
+            print(f"{d.name}: stopped")
         vms = all_vms(lab, Renderer())
     else:
         vms = [VM(lab, args.vm, Renderer())]

@@ -6,6 +6,7 @@ host key); Ansible's task events become the VM's lifecycle events.
 """
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import json
 import os
@@ -141,11 +142,16 @@ def provision(vm: VM, playbook: str = "provision.yml") -> ProvisionResult:
 
 
 def ensure_provisioned(vm: VM) -> dict:
-    """Provision unless this VM already has these exact guest tools."""
+    """Provision unless this VM already has these exact guest tools. A lock
+    in the VM's directory keeps two processes from provisioning it at once."""
     st = vm.state()
     if st is not None and st.facts.get("tools_digest") == tools_digest():
         return st.facts
-    provision(vm)
+    with open(vm.dir / "provision.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        st = vm.state()                       # someone may have just done it
+        if st is None or st.facts.get("tools_digest") != tools_digest():
+            provision(vm)
     return vm.state().facts
 
 

@@ -52,7 +52,7 @@ class RunResult:
 
     @property
     def consistent(self) -> bool | None:
-        return None if self.summary is None else bool(self.summary.get("consistent"))
+        return None if self.summary is None else self.summary.get("consistent")
 
     @property
     def as_expected(self) -> bool | None:
@@ -147,7 +147,7 @@ def _finish(res: RunResult, lines: list[str]) -> None:
     res.summary = next((r for r in records if r.get("type") == "summary"), None)
     error = next((r for r in records if r.get("type") == "error"), None)
     if res.exit_code == 0 and res.summary is not None:
-        res.status = "ok" if res.summary.get("consistent") else "inconsistent"
+        res.status = "inconsistent" if res.summary.get("consistent") is False else "ok"
         return
     message = (error or {}).get("message") or res.stderr.strip() or "no summary record"
     res.status = "timeout" if "timeout" in message.lower() and res.exit_code == 3 else "failed"

@@ -258,3 +258,21 @@ def command(scenario: Scenario, resolved: dict[str, Any], tools_dir: str,
         else:
             argv += [flag, str(value)]
     return argv + ["--verify", "--timeout", f"{timeout:g}"]
+
+
+# Fault injections a notebook or sweep may name, and the scenario each means.
+INJECTIONS = {"none": None, "unregistered": "S5", "fork-child": "S5-fork",
+              "fd-writes": "S6", "punch-hole": "S6-punch", "kernel-writes": "S7",
+              "zap-after-arm": "S8"}
+_BY_STRATEGY = {"stop-the-world": "S1", "uffd-wp": "S3", "uffd-wp-staggered": "S4",
+                "async-scan": "S10"}
+
+
+def for_strategy(strategy: str, inject: str = "none") -> Scenario:
+    """The catalogue scenario a (strategy, injected fault) pair runs."""
+    if inject not in INJECTIONS:
+        raise ScenarioError(f"inject: expected one of {', '.join(INJECTIONS)}, got {inject!r}")
+    if strategy not in _BY_STRATEGY:
+        raise ScenarioError(f"strategy: expected one of {', '.join(_BY_STRATEGY)}, "
+                            f"got {strategy!r}")
+    return get(INJECTIONS[inject] or _BY_STRATEGY[strategy])

@@ -190,6 +190,8 @@ class VM(Emitter):
     def up(self, reuse: bool = False) -> VMState:
         """Boot the VM and wait until SSH answers with the pinned host key."""
         st = self.state()
+        if st is not None and reuse and not st.ssh_ready:
+            st = self._wait_for_other_boot()           # another process is booting it
         if st is not None:
             if reuse and st.ssh_ready:
                 return st
@@ -205,6 +207,16 @@ class VM(Emitter):
             except _PortTaken:
                 if attempt == 2:
                     raise VMError("could not bind a free SSH port on 127.0.0.1") from None
+
+    def _wait_for_other_boot(self) -> VMState | None:
+        deadline = time.monotonic() + self.spec.boot_timeout
+        while time.monotonic() < deadline:
+            st = self.state()
+            if st is None or st.ssh_ready:
+                return st
+            time.sleep(0.5)
+        raise VMError(f"VM {self.name!r} is being booted by another process that has not "
+                      f"finished in {self.spec.boot_timeout:.0f} s")
 
     def _boot(self, img: Image, choice: accel_mod.AccelChoice) -> VMState:
         port = free_port()
@@ -384,6 +396,32 @@ def _dir_alive(d: Path) -> bool:
             return pid_alive(int((d / "keeper.pid").read_text()))
         except (OSError, ValueError):
             return False
+
+
+def other_running(lab: Lab) -> list[tuple[Path, VMState]]:
+    """Live VMs in this cache that lab.yml does not name (a notebook's
+    nb-* VMs, another lab file's)."""
+    root = lab.cache_path / "vms"
+    out = []
+    for d in sorted(root.iterdir()) if root.is_dir() else []:
+        if d.is_dir() and d.name not in lab.vms and _dir_alive(d):
+            try:
+                out.append((d, VMState.load(d / "state.json")))
+            except (OSError, ValueError, TypeError):
+                pass
+    return out
+
+
+def stop_dir(d: Path) -> None:
+    """Stop a VM known only by its directory: QMP quit, then sweep."""
+    try:
+        qmp(d / "qmp.sock", "quit", 5)
+        deadline = time.monotonic() + 15
+        while _dir_alive(d) and time.monotonic() < deadline:
+            time.sleep(0.05)
+    except Exception:
+        pass
+    sweep_dir(d)
 
 
 def sweep_dir(d: Path) -> None:

@@ -24,7 +24,7 @@ pytestmark = pytest.mark.integration
 EXPECTED_SERIES = {"trixie": "6.12.", "bookworm": "6.1."}
 
 
-@pytest.mark.parametrize("name", ["t-trixie", "t-bookworm"])
+@pytest.mark.parametrize("name", ["trixie", "bookworm"])
 def test_guest_runs_the_image_kernel(running_vms, name):
     vm = running_vms[name]
     img = vm.image()

@@ -1,0 +1,211 @@
+"""GRID.yml --papermill, one execution of 10-snapshot per point--> executed
+notebooks + index.json under the results directory.
+
+Every point asks for its VM by shape (image, memory, cpus), so points share
+one running, provisioned VM per image and cost only their own run. A failed
+point is recorded in the index and the sweep goes on.
+"""
+from __future__ import annotations
+
+import hashlib
+import itertools
+import json
+import os
+import re
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from .config import ConfigError, Lab
+from .events import Emitter, Listener
+
+NOTEBOOKS = Path(__file__).resolve().parent.parent / "notebooks"
+POINT_NOTEBOOK = "10-snapshot.ipynb"
+SWEEP_NOTEBOOK = "20-sweep.ipynb"
+KERNEL = "python3"
+RESULT_RE = re.compile(r"^RESULT (\{.*\})\s*$", re.M)
+
+
+@dataclass
+class Grid:
+    """A sweep file: fixed parameters plus axes whose product is the points."""
+
+    source: Path
+    fixed: dict[str, Any]
+    axes: dict[str, list[Any]]
+    notebook: str = POINT_NOTEBOOK
+    teardown: bool = True
+
+    def points(self) -> list[dict[str, Any]]:
+        keys = list(self.axes)
+        return [dict(zip(keys, combo)) for combo in itertools.product(*self.axes.values())]
+
+
+def notebook_parameters(path: Path) -> dict[str, Any]:
+    """The names and defaults in a notebook's `parameters` cell."""
+    import papermill
+    return {name: spec["default"] for name, spec in
+            papermill.inspect_notebook(str(path)).items()}
+
+
+def load_grid(path: str | os.PathLike) -> Grid:
+    """Read and check a sweep file; every problem names the key."""
+    path = Path(path)
+    label = str(path)
+    try:
+        data = yaml.safe_load(path.read_text())
+    except OSError as e:
+        raise ConfigError([f"{label}: cannot read the sweep file: {e.strerror}"]) from None
+    except yaml.YAMLError as e:
+        raise ConfigError([f"{label}: not valid YAML: {e}"]) from None
+    if not isinstance(data, dict):
+        raise ConfigError([f"{label}: expected a mapping with 'grid' (and optionally "
+                           f"'fixed', 'notebook', 'teardown')"])
+    problems = []
+    unknown = set(data) - {"grid", "fixed", "notebook", "teardown"}
+    problems += [f"{label}: {k}: unknown key; expected grid, fixed, notebook or teardown"
+                 for k in sorted(unknown)]
+    notebook = data.get("notebook", POINT_NOTEBOOK)
+    nb_path = NOTEBOOKS / notebook
+    if not nb_path.is_file():
+        problems.append(f"{label}: notebook: expected a notebook in notebooks/, got {notebook!r}")
+        valid: dict[str, Any] = {}
+    else:
+        valid = notebook_parameters(nb_path)
+    grid, fixed = data.get("grid"), data.get("fixed") or {}
+    if not isinstance(grid, dict) or not grid:
+        problems.append(f"{label}: grid: expected a mapping of parameter: [values], got {grid!r}")
+        grid = {}
+    if not isinstance(fixed, dict):
+        problems.append(f"{label}: fixed: expected a mapping of parameter: value, got {fixed!r}")
+        fixed = {}
+    for section, entries in (("grid", grid), ("fixed", fixed)):
+        for key, value in entries.items():
+            if valid and key not in valid:
+                problems.append(f"{label}: {section}.{key}: not a parameter of {notebook}; "
+                                f"expected one of {', '.join(sorted(valid))}")
+            if section == "grid" and (not isinstance(value, list) or not value):
+                problems.append(f"{label}: grid.{key}: expected a non-empty list, got {value!r}")
+    if problems:
+        raise ConfigError(problems)
+    return Grid(path, fixed, grid, notebook, bool(data.get("teardown", True)))
+
+
+@dataclass
+class SweepResult:
+    sweep_id: str
+    directory: Path
+    points: list[dict] = field(default_factory=list)
+    report: Path | None = None
+
+    @property
+    def failed(self) -> list[dict]:
+        return [p for p in self.points if p["status"] == "failed"]
+
+
+def run_sweep(lab: Lab, grid: Grid, listener: Listener | None = None,
+              out_root: Path | None = None) -> SweepResult:
+    import papermill
+
+    ev = Emitter("sweep", listener)
+    points = grid.points()
+    digest = hashlib.sha256(json.dumps([grid.fixed, grid.axes], sort_keys=True,
+                                       default=str).encode()).hexdigest()[:6]
+    sweep_id = time.strftime("%Y%m%d-%H%M%S-") + digest
+    out = (out_root or lab.results_path.parent / "sweeps") / sweep_id
+    out.mkdir(parents=True, exist_ok=True)
+    result = SweepResult(sweep_id, out)
+    index = {"sweep_id": sweep_id, "lab": str(lab.source), "notebook": grid.notebook,
+             "fixed": grid.fixed, "grid": grid.axes, "points": result.points}
+    ev.emit("progress", f"0/{len(points)} points", done=0, total=len(points))
+    for i, point in enumerate(points):
+        params = {**grid.fixed, **point, "lab_path": str(lab.source.resolve()),
+                  "sweep_id": sweep_id, "teardown": False}
+        nb_out = out / f"point-{i:03d}.ipynb"
+        t0 = time.monotonic()
+        entry = {"index": i, "params": point, "notebook": nb_out.name, "status": "failed",
+                 "run_id": None, "error": None, "seconds": 0.0}
+        try:
+            papermill.execute_notebook(str(NOTEBOOKS / grid.notebook), str(nb_out),
+                                       parameters=params, kernel_name=KERNEL,
+                                       progress_bar=False, cwd=str(NOTEBOOKS))
+            found = _result_line(nb_out)
+            if found is None:
+                entry["error"] = "the notebook printed no RESULT line"
+            else:
+                entry.update(run_id=found.get("run_id"), status=found.get("status", "failed"),
+                             error=found.get("error"))
+        except Exception as e:               # a failed point is data, not the end
+            entry["error"] = _first_line(e)
+        entry["seconds"] = round(time.monotonic() - t0, 1)
+        result.points.append(entry)
+        _write_json(out / "index.json", index)
+        ev.emit("progress", f"{i + 1}/{len(points)} points; last {entry['status']} "
+                f"({_describe(point)})", done=i + 1, total=len(points))
+    if grid.teardown:
+        _teardown(lab, grid, points, ev)
+    result.report = _render_report(out, lab, ev)
+    return result
+
+
+def _render_report(out: Path, lab: Lab, ev: Emitter) -> Path | None:
+    import papermill
+    report = out / "sweep.ipynb"
+    try:
+        papermill.execute_notebook(str(NOTEBOOKS / SWEEP_NOTEBOOK), str(report),
+                                   parameters={"lab_path": str(lab.source.resolve()),
+                                               "sweep_dir": str(out)},
+                                   kernel_name=KERNEL, progress_bar=False, cwd=str(NOTEBOOKS))
+        return report
+    except Exception as e:
+        ev.emit("failed", f"the sweep report notebook failed: {_first_line(e)}")
+        return None
+
+
+def _teardown(lab: Lab, grid: Grid, points: list[dict], ev: Emitter) -> None:
+    """Stop the VMs the points used (each shape once)."""
+    from .api import vm_for
+    defaults = notebook_parameters(NOTEBOOKS / grid.notebook)
+    shapes = set()
+    for point in points:
+        p = {**defaults, **grid.fixed, **point}
+        if {"image", "vm_memory", "vm_cpus"} <= set(p):
+            shapes.add((p["image"], str(p["vm_memory"]), int(p["vm_cpus"])))
+    for image, memory, cpus in sorted(shapes):
+        try:
+            vm = vm_for(lab, image, memory, cpus, listener=ev.listener)
+            vm.down()
+        except Exception as e:
+            ev.emit("failed", f"teardown of {image}: {_first_line(e)}")
+
+
+def _result_line(nb_path: Path) -> dict | None:
+    nb = json.loads(nb_path.read_text())
+    for cell in nb.get("cells", []):
+        for output in cell.get("outputs", []):
+            text = output.get("text", "")
+            text = "".join(text) if isinstance(text, list) else text
+            m = RESULT_RE.search(text)
+            if m:
+                return json.loads(m.group(1))
+    return None
+
+
+def _write_json(path: Path, data: dict) -> None:
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(data, indent=2, default=str))
+    os.replace(tmp, path)
+
+
+def _describe(point: dict) -> str:
+    return ", ".join(f"{k}={v}" for k, v in point.items())
+
+
+def _first_line(e: Exception) -> str:
+    text = str(e).strip()
+    # papermill's error carries the cell's traceback; its last line says why
+    lines = [l for l in text.splitlines() if l.strip()]
+    return (lines[-1] if lines else type(e).__name__)[:500]
