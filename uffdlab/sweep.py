@@ -46,8 +46,16 @@ class Grid:
 
 def notebook_parameters(path: Path) -> dict[str, Any]:
     """The names and defaults in a notebook's `parameters` cell."""
+    import ast
+
     import papermill
-    return {name: spec["default"] for name, spec in
+
+    def value(src: str) -> Any:
+        try:
+            return ast.literal_eval(src)
+        except (ValueError, SyntaxError):
+            return src                      # an expression: keep its source
+    return {name: value(spec["default"]) for name, spec in
             papermill.inspect_notebook(str(path)).items()}
 
 

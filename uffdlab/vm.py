@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import fcntl
 import json
 import logging
 import os
@@ -188,10 +189,15 @@ class VM(Emitter):
 
     # -- lifecycle --------------------------------------------------------
     def up(self, reuse: bool = False) -> VMState:
-        """Boot the VM and wait until SSH answers with the pinned host key."""
+        """Boot the VM and wait until SSH answers with the pinned host key.
+        Two processes bringing up one VM take turns: the second reuses it."""
+        self.dir.parent.mkdir(parents=True, exist_ok=True)
+        with open(self.dir.parent / f".{self.name}.lock", "w") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            return self._up_locked(reuse)
+
+    def _up_locked(self, reuse: bool) -> VMState:
         st = self.state()
-        if st is not None and reuse and not st.ssh_ready:
-            st = self._wait_for_other_boot()           # another process is booting it
         if st is not None:
             if reuse and st.ssh_ready:
                 return st
@@ -207,16 +213,6 @@ class VM(Emitter):
             except _PortTaken:
                 if attempt == 2:
                     raise VMError("could not bind a free SSH port on 127.0.0.1") from None
-
-    def _wait_for_other_boot(self) -> VMState | None:
-        deadline = time.monotonic() + self.spec.boot_timeout
-        while time.monotonic() < deadline:
-            st = self.state()
-            if st is None or st.ssh_ready:
-                return st
-            time.sleep(0.5)
-        raise VMError(f"VM {self.name!r} is being booted by another process that has not "
-                      f"finished in {self.spec.boot_timeout:.0f} s")
 
     def _boot(self, img: Image, choice: accel_mod.AccelChoice) -> VMState:
         port = free_port()
