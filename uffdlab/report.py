@@ -395,9 +395,11 @@ def failure_text(result: Any, serial_lines: int = 40) -> str:
 
 def result_line(result: Any) -> str:
     """`RESULT {...}`: the machine-readable last line of a scenario notebook."""
-    return "RESULT " + json.dumps({"run_id": _get(result, "run_id"),
-                                   "status": _get(result, "status"),
-                                   "consistent": _consistent(result)})
+    out = {"run_id": _get(result, "run_id"), "status": _get(result, "status"),
+           "consistent": _consistent(result)}
+    if _get(result, "error"):
+        out["error"] = str(_get(result, "error")).strip().splitlines()[0][:500]
+    return "RESULT " + json.dumps(out)
 
 
 def support(vm: Any, scenario_key: str, params: Mapping[str, Any] | None,
@@ -593,7 +595,10 @@ def plot_sweep(runs: "pd.DataFrame", x: str = "param_writers",
         return fig
     xs = sorted(runs[x].dropna().unique(), key=_sort_key)
     pos = {v: i for i, v in enumerate(xs)}
-    groups = runs.groupby(bys, dropna=False) if bys else [((), runs)]
+    groups = (sorted(runs.groupby(bys, dropna=False),
+                     key=lambda kv: tuple(map(_sort_key, kv[0] if isinstance(kv[0], tuple)
+                                              else (kv[0],))))
+              if bys else [((), runs)])
     for ax, metric in zip(axes, ys):
         for key, g in groups:
             key = key if isinstance(key, tuple) else (key,)
@@ -602,8 +607,8 @@ def plot_sweep(runs: "pd.DataFrame", x: str = "param_writers",
                 continue
             m = g.groupby(x)[metric].mean()
             m = m.iloc[sorted(range(len(m)), key=lambda i: _sort_key(m.index[i]))]
-            label = ", ".join(f"{_NICE.get(b, b.removeprefix('param_'))}={v}"
-                              for b, v in zip(bys, key)) or metric
+            label = ", ".join(str(v) if i == 0 else f"{b.removeprefix('param_')}={v}"
+                              for i, (b, v) in enumerate(zip(bys, key))) or metric
             ax.plot([pos[v] for v in m.index], m.values, marker="o", label=label)
         ax.set_xticks(range(len(xs)), [str(v) for v in xs])
         ax.set_xlabel(_NICE.get(x, x.removeprefix("param_")))
