@@ -81,9 +81,9 @@ def prepare(vm: VM, scenario_key: str, params: dict[str, Any] | None = None,
     resolved = scenarios.resolve(sc, params or {})
     scenarios.check_against(sc, resolved, vm.spec.memory, None)
     limit = timeout if timeout is not None else resolved["duration"] + SLACK_SECONDS
-    if limit <= 0:
-        raise scenarios.ScenarioError(f"timeout: expected a positive number of seconds, "
-                                      f"got {limit!r}")
+    if limit <= resolved["duration"]:
+        raise scenarios.ScenarioError(f"timeout: expected more seconds than duration "
+                                      f"({resolved['duration']:g}), got {limit!r}")
     return Prepared(sc, resolved, limit)
 
 
@@ -150,7 +150,8 @@ def _finish(res: RunResult, lines: list[str]) -> None:
         res.status = "inconsistent" if res.summary.get("consistent") is False else "ok"
         return
     message = (error or {}).get("message") or res.stderr.strip() or "no summary record"
-    res.status = "timeout" if "timeout" in message.lower() and res.exit_code == 3 else "failed"
+    timed_out = res.exit_code == 3 and ("timed out" in message or "timeout" in message)
+    res.status = "timeout" if timed_out else "failed"
     res.error = f"uffd-snapshot exited {res.exit_code}: {message}"
 
 

@@ -79,11 +79,14 @@ def test_bookworm_runs_the_multi_writer_snapshot(provisioned, bookworm_vm):
     ({"size": "8G"}, "does not fit a VM with 1536M"),
     ({"writers": "0"}, "writers: expected a whole number from 1 to 64, got '0'"),
     ({"rate": "fast"}, "rate: expected page writes per second"),
+    ({"duration": "5", "timeout": 4}, "timeout: expected more seconds than duration (5)"),
 ])
 def test_bad_parameters_are_rejected_before_any_ssh(trixie_vm, monkeypatch, params, message):
     _no_ssh(monkeypatch, trixie_vm)
+    params = dict(params)
+    timeout = params.pop("timeout", None)
     with pytest.raises(ScenarioError) as err:
-        run(trixie_vm, "S3", params)
+        run(trixie_vm, "S3", params, timeout)
     assert message in str(err.value)
 
 
@@ -93,9 +96,11 @@ def test_cli_rejects_a_bad_parameter_with_exit_2(test_lab, capsys):
 
 
 def test_timeout_is_enforced_and_stored(provisioned, trixie_vm):
-    res = run_and_store(trixie_vm, "S1", {"size": "16M", "duration": 20}, timeout=3)
-    assert res.status == "timeout"
-    assert res.duration_s < 20
+    # setting up 16M of RAM and four writers alone takes longer than 10 ms
+    res = run_and_store(trixie_vm, "S1", {"size": "16M", "duration": 3}, timeout=3.01)
+    assert res.status == "timeout", res.error
+    assert "timed out" in res.error
+    assert res.duration_s < 30
     with ResultsDB(trixie_vm.lab.results_path) as db:
         row = db.get(res.run_id)
     assert row["status"] == "timeout" and row["error"]
