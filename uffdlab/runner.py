@@ -8,9 +8,11 @@ from __future__ import annotations
 
 import json
 import shlex
+import tempfile
 import time
 import uuid
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
 from typing import Any
 
 from . import scenarios
@@ -122,11 +124,17 @@ def execute(vm: VM, prep: Prepared, facts: dict) -> RunResult:
                     done=rec.get("pages_copied", 0), total=rec.get("pages_total", 0),
                     faults=rec.get("faults", 0), phase=rec.get("phase"))
 
+    # The guest keeps its own copy of the JSON Lines: the live stream drives
+    # progress, the file fetched afterwards is the record (complete even if
+    # the stream was cut short).
+    remote = f"/tmp/uffdlab-run-{res.run_id}.jsonl"
+    guest_cmd = "bash -o pipefail -c " + shlex.quote(f"{cmd} | tee {remote}")
     t0 = time.monotonic()
     try:
         with vm.session() as s:
-            out = s.run(cmd, timeout=prep.timeout + 30, on_line=on_line)
-        res.exit_code, res.stderr = out.exit_status, out.stderr
+            out = s.run(guest_cmd, timeout=prep.timeout + 30, on_line=on_line)
+            res.exit_code, res.stderr = out.exit_status, out.stderr
+            lines = _fetch_record(s, remote) or lines
         _finish(res, lines)
     except TimeoutError as e:
         res.status, res.error = "timeout", str(e)
@@ -139,6 +147,18 @@ def execute(vm: VM, prep: Prepared, facts: dict) -> RunResult:
     vm.emit("running", f"{res.scenario}: {res.status} in {res.duration_s:.1f} s",
             status=res.status, run_id=res.run_id)
     return res
+
+
+def _fetch_record(s, remote: str) -> list[str] | None:
+    """The run's JSON Lines file from the guest, by SFTP; removed after."""
+    with tempfile.TemporaryDirectory() as tmp:
+        local = Path(tmp) / "run.jsonl"
+        try:
+            s.get(remote, local)
+            s.run(f"rm -f {shlex.quote(remote)}")
+        except (OSError, IOError):
+            return None
+        return local.read_text().splitlines()
 
 
 def _finish(res: RunResult, lines: list[str]) -> None:

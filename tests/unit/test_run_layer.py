@@ -1,0 +1,113 @@
+"""The run layer's own logic, with the layers below it faked: how Ansible
+events become VM events and errors, how uffd-snapshot output becomes a
+status, and the scenario catalogue's parameter checks."""
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from uffdlab import scenarios
+from uffdlab.provision import _EventCollector, sources_tarball
+from uffdlab.runner import RunResult, _finish
+from uffdlab.scenarios import ScenarioError
+
+
+class FakeVM:
+    def __init__(self):
+        self.events = []
+
+    def emit(self, kind, message="", **data):
+        self.events.append((kind, message, data))
+
+
+def ansible_event(kind, task, res=None, host="guest"):
+    return {"event": kind, "event_data": {"task": task, "host": host, "res": res or {}}}
+
+
+def test_ansible_failure_names_task_host_and_module_message():
+    vm = FakeVM()
+    ev = _EventCollector(vm)
+    ev(ansible_event("runner_on_ok", "Write the lab's kernel settings", {"changed": True}))
+    ev(ansible_event("runner_on_failed", "Build the guest tools",
+                     {"msg": "non-zero return code", "stderr": "cc: error"}))
+    assert ev.changed == ["Write the lab's kernel settings"]
+    assert ev.failure == ("task 'Build the guest tools' failed on guest: non-zero return code")
+    assert [e[1] for e in vm.events] == ["changed: Write the lab's kernel settings",
+                                         "failed: Build the guest tools"]
+
+
+def test_unreachable_host_is_said_so():
+    ev = _EventCollector(FakeVM())
+    ev(ansible_event("runner_on_unreachable", "Read what the guest already has",
+                     {"msg": "Connection refused"}))
+    assert "(unreachable): Connection refused" in ev.failure
+
+
+def test_probe_fact_is_collected():
+    ev = _EventCollector(FakeVM())
+    ev(ansible_event("runner_on_ok", "Report the probe",
+                     {"ansible_facts": {"uffd_probe": {"kernel": "6.12.1"}}}))
+    assert ev.probe == {"kernel": "6.12.1"}
+
+
+def test_sources_tarball_is_reproducible(tmp_path):
+    a = sources_tarball(tmp_path / "a.tar").read_bytes()
+    b = sources_tarball(tmp_path / "b.tar").read_bytes()
+    assert a == b and len(a) > 10_000
+
+
+def _result():
+    return RunResult("r1", 0.0, "lab", "vm", "trixie", "k", "6.12", "tcg", "abc", "S3",
+                     "multi-writer", {}, "uffd-snapshot ...")
+
+
+@pytest.mark.parametrize("records,exit_code,status", [
+    ([{"type": "summary", "consistent": True}], 0, "ok"),
+    ([{"type": "summary", "consistent": False}], 0, "inconsistent"),
+    ([{"type": "error", "message": "timed out after 3.01 s (--timeout 3.01) while copying"}],
+     3, "timeout"),
+    ([{"type": "error", "message": "UFFDIO_WRITEPROTECT: Invalid argument"}], 3, "failed"),
+    ([], 0, "failed"),
+])
+def test_status_from_the_tool_output(records, exit_code, status):
+    res = _result()
+    res.exit_code = exit_code
+    _finish(res, ["not json"] + [json.dumps(r) for r in records])
+    assert res.status == status
+    if status in ("failed", "timeout"):
+        assert res.error.startswith(f"uffd-snapshot exited {exit_code}")
+
+
+def test_scenarios_by_id_and_name():
+    assert scenarios.get("s3") is scenarios.get("multi-writer") is scenarios.get("S3")
+    with pytest.raises(ScenarioError, match="did you mean"):
+        scenarios.get("multi-writr")
+
+
+def test_scenario_command_merges_parameters():
+    sc = scenarios.get("S5")
+    argv = scenarios.command(sc, scenarios.resolve(sc, {"writers": "3", "unregistered": 2}),
+                             "/opt/uffdlab", 60)
+    assert argv[:1] == ["/opt/uffdlab/bin/uffd-snapshot"]
+    assert argv[argv.index("--writers") + 1] == "3"
+    assert argv[argv.index("--unregistered") + 1] == "2"
+
+
+def test_feature_check_names_the_first_kernel():
+    sc = scenarios.get("S10")
+    probe = {"kernel": "6.1.0", "features": {"WP_ASYNC": False},
+             "feature_min_kernel": {"WP_ASYNC": "6.7"}}
+    with pytest.raises(ScenarioError, match=r"6.1.0 lacks UFFD_FEATURE_WP_ASYNC \(first in "
+                                            r"Linux 6.7\)"):
+        scenarios.check_against(sc, scenarios.resolve(sc, {}), 2 << 30, probe)
+
+
+def test_anonymous_sparse_needs_wp_unpopulated():
+    sc = scenarios.get("S9")
+    params = scenarios.resolve(sc, {"backing": "anon", "populate": "no", "prefill": "no"})
+    probe = {"kernel": "6.1.0", "features": {"WP_HUGETLBFS_SHMEM": True,
+                                             "WP_UNPOPULATED": False},
+             "feature_min_kernel": {"WP_UNPOPULATED": "6.4"}}
+    with pytest.raises(ScenarioError, match="WP_UNPOPULATED"):
+        scenarios.check_against(sc, params, 2 << 30, probe)
