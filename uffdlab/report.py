@@ -717,10 +717,12 @@ def _why(outcomes: Mapping[str, Any], first: Mapping[str, str]) -> str:
         m = re.search(r"needs (\w+), Linux ([\d.]+)", str(r.reason))
         if m:
             ran = [k for k, x in outcomes.items() if x.status != "not supported"]
+            no = [k for k, x in outcomes.items() if x.status == "not supported"]
             return (f"The difference is `UFFD_FEATURE_{m.group(1)}`, which arrived in Linux "
                     f"{m.group(2)}: " + (f"{', '.join(ran)} ha{'s' if len(ran) == 1 else 've'} "
-                                         f"it, the others refuse the scenario before it runs."
-                                         if ran else "no kernel here has it."))
+                                         f"it; on {', '.join(no)} the lab refuses the scenario "
+                                         f"before it runs." if ran else
+                                         "no kernel here has it."))
     if any(_outcome_kind(r) == "failed" for r in outcomes.values()):
         return "A run failed on one kernel: see its error in the table above."
     return ("Both ran but the verifier disagrees: a kernel behaviour change (or a bug) "
