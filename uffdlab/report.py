@@ -450,8 +450,13 @@ def plot_latency_cdf(source: Any, title: str = "fault-to-resolve latency") -> "F
     fig, (ax,) = _figure()
     lines: list[tuple[str, list[float], list[float]]] = []
     if hasattr(source, "latency") and hasattr(source, "runs"):
-        labels = {row.run_id: f"{_label(row)} {row.run_id[:6]}"
-                  for row in source.runs.itertuples()}
+        runs = source.runs
+        vary = [c for c in runs.columns if c.startswith("param_") and c != "param_strategy"
+                and runs[c].astype(str).nunique() > 1]
+        labels = {row["run_id"]: " ".join([_label(row), *(f"{c.removeprefix('param_')}="
+                                                           f"{row[c]}" for c in vary)])
+                  if vary else f"{_label(row)} {row['run_id'][:6]}"
+                  for _, row in runs.iterrows()}
         for rid, g in source.latency.groupby("run_id", sort=False):
             lines.append((labels.get(rid, rid), list(g["bound_us"]), list(g["cdf"])))
     else:
