@@ -130,7 +130,7 @@ def cmd_down(args) -> int:
         for d in stale_dirs(lab):
             sweep_dir(d)
             print(f"{d.name}: swept (its processes were gone)")
-        for d, _ in other_running(lab):
+        for d, _ in other_running(lab, own_only=True):   # another lab's VMs are its own
             stop_dir(d)
             print(f"{d.name}: stopped")
         vms = all_vms(lab, Renderer())

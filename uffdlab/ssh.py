@@ -95,6 +95,10 @@ class Session:
                     break
                 time.sleep(0.01)
             else:
+                transport = chan.get_transport()
+                if transport is None or not transport.is_active():
+                    raise SSHError(f"the SSH connection dropped while '{command[:80]}' ran "
+                                   f"(the VM stopped?)")
                 if deadline is not None and time.monotonic() > deadline:
                     raise TimeoutError(f"'{command}' still running after {timeout:.0f} s")
                 time.sleep(0.005)

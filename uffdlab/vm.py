@@ -60,6 +60,7 @@ class VMState:
     ssh_ready: bool = False
     boot_seconds: float | None = None
     facts: dict = field(default_factory=dict)   # probe output once provisioned
+    lab: str = ""                   # the lab file that started it
 
     @classmethod
     def load(cls, path: Path) -> "VMState":
@@ -238,7 +239,8 @@ class VM(Emitter):
             qemu_pid = int(keeper.stdout.readline() or 0)
             st = VMState(self.name, img.name, img.key, img.kernel_release, choice.accel,
                          choice.reason, port, keeper.pid, qemu_pid, started,
-                         img.host_pubkey, self.spec.memory, self.spec.cpus)
+                         img.host_pubkey, self.spec.memory, self.spec.cpus,
+                         lab=str(self.lab.source.resolve()))
             st.save(self.state_file)
             self._wait_for_ssh(st, keeper)
             st.ssh_ready = True
@@ -394,17 +396,20 @@ def _dir_alive(d: Path) -> bool:
             return False
 
 
-def other_running(lab: Lab) -> list[tuple[Path, VMState]]:
-    """Live VMs in this cache that lab.yml does not name (a notebook's
-    nb-* VMs, another lab file's)."""
+def other_running(lab: Lab, own_only: bool = False) -> list[tuple[Path, VMState]]:
+    """Live VMs in this cache that lab.yml does not name: the nb-* VMs that
+    notebooks derive from it, and (unless own_only) other lab files' VMs."""
     root = lab.cache_path / "vms"
+    mine = str(lab.source.resolve())
     out = []
     for d in sorted(root.iterdir()) if root.is_dir() else []:
         if d.is_dir() and d.name not in lab.vms and _dir_alive(d):
             try:
-                out.append((d, VMState.load(d / "state.json")))
+                st = VMState.load(d / "state.json")
             except (OSError, ValueError, TypeError):
-                pass
+                continue
+            if st.lab == mine or not own_only:
+                out.append((d, st))
     return out
 
 

@@ -125,8 +125,11 @@ def test_down_all_sweeps_a_vm_whose_keeper_was_killed(session_dir):
     _wait_for(lambda: not pid_alive(st.qemu_pid), 10, "QEMU to follow its keeper")
     assert (vm.dir / "overlay.qcow2").exists()         # nobody was left to clean
     from uffdlab.cli import main
+    others = [d for d in vm.dir.parent.iterdir() if d.is_dir() and d != vm.dir]
     assert main(["--lab", str(path), "down", "--all"]) == 0
     assert not vm.dir.exists()
+    # VMs another lab file started are not this lab's to stop
+    assert all(d.exists() for d in others if (d / "state.json").exists())
 
 
 def _qemu_running(vm_name: str) -> bool:

@@ -17,6 +17,7 @@ pytestmark = pytest.mark.integration
 
 def test_qemu_killed_mid_run_is_a_failed_run_and_leaks_nothing(provisioned, trixie_vm):
     st = trixie_vm.state()
+    assert st is not None and st.ssh_ready          # still the session's VM
     started = threading.Event()
     listener = trixie_vm.listener
 
