@@ -16,7 +16,7 @@ from tests.conftest import REPO, write_lab
 from uffdlab.config import load_lab
 from uffdlab.images import ImageError, ImageStore
 from uffdlab.ssh import Session
-from uffdlab.vm import VM, VMError, pid_alive
+from uffdlab.vm import VM, VMError, _dir_alive, pid_alive
 
 pytestmark = pytest.mark.integration
 
@@ -115,7 +115,7 @@ def test_killed_cli_mid_boot_leaves_nothing(session_dir):
     assert vm.state() is None
 
 
-def test_down_all_sweeps_a_vm_whose_keeper_was_killed(session_dir):
+def test_down_all_sweeps_a_vm_whose_keeper_was_killed(session_dir, running_vms):
     path = write_lab(session_dir / "sweep.yml",
                      {"t-sweep": {"image": "trixie", "memory": "512M", "cpus": 1}})
     lab = load_lab(path)
@@ -125,11 +125,13 @@ def test_down_all_sweeps_a_vm_whose_keeper_was_killed(session_dir):
     _wait_for(lambda: not pid_alive(st.qemu_pid), 10, "QEMU to follow its keeper")
     assert (vm.dir / "overlay.qcow2").exists()         # nobody was left to clean
     from uffdlab.cli import main
-    others = [d for d in vm.dir.parent.iterdir() if d.is_dir() and d != vm.dir]
+    others = [d for d in vm.dir.parent.iterdir()
+              if d.is_dir() and d != vm.dir and _dir_alive(d)]
+    assert others                                      # the session's shared VMs
     assert main(["--lab", str(path), "down", "--all"]) == 0
     assert not vm.dir.exists()
     # VMs another lab file started are not this lab's to stop
-    assert all(d.exists() for d in others if (d / "state.json").exists())
+    assert all(_dir_alive(d) for d in others)
 
 
 def _qemu_running(vm_name: str) -> bool:
