@@ -131,14 +131,16 @@ def execute(vm: VM, prep: Prepared, facts: dict) -> RunResult:
     guest_cmd = "bash -o pipefail -c " + shlex.quote(f"{cmd} | tee {remote}")
     t0 = time.monotonic()
     try:
-        with vm.session() as s:
-            out = s.run(guest_cmd, timeout=prep.timeout + 30, on_line=on_line)
-            res.exit_code, res.stderr = out.exit_status, out.stderr
-            lines = _fetch_record(s, remote) or lines
+        s = vm.shared_session()
+        out = s.run(guest_cmd, timeout=prep.timeout + 30, on_line=on_line)
+        res.exit_code, res.stderr = out.exit_status, out.stderr
+        lines = _fetch_record(s, remote) or lines
         _finish(res, lines)
     except TimeoutError as e:
+        vm.drop_session()
         res.status, res.error = "timeout", str(e)
     except Exception as e:                   # VM died, SSH broke: a failed run
+        vm.drop_session()
         res.status, res.error = "failed", f"{type(e).__name__}: {e}"
     res.duration_s = round(time.monotonic() - t0, 3)
     res.jsonl = "\n".join(lines)
@@ -154,9 +156,8 @@ def _fetch_record(s, remote: str) -> list[str] | None:
     with tempfile.TemporaryDirectory() as tmp:
         local = Path(tmp) / "run.jsonl"
         try:
-            s.get(remote, local)
-            s.run(f"rm -f {shlex.quote(remote)}")
-        except (OSError, IOError):
+            s.get(remote, local, remove=True)
+        except OSError:
             return None
         return local.read_text().splitlines()
 

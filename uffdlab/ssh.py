@@ -110,9 +110,16 @@ class Session:
         with self.client.open_sftp() as sftp:
             sftp.put(str(local), remote)
 
-    def get(self, remote: str, local: Path) -> None:
+    def get(self, remote: str, local: Path, remove: bool = False) -> None:
+        """Fetch a file by SFTP, and delete it in the guest if asked."""
         with self.client.open_sftp() as sftp:
             sftp.get(remote, str(local))
+            if remove:
+                sftp.remove(remote)
+
+    def alive(self) -> bool:
+        transport = self.client.get_transport()
+        return transport is not None and transport.is_active()
 
     def close(self) -> None:
         self.client.close()

@@ -308,6 +308,7 @@ class VM(Emitter):
 
     def down(self) -> bool:
         """Stop the VM and delete its overlay. False if it was not running."""
+        self.drop_session()
         st = self.state()
         if st is None:
             return False
@@ -330,6 +331,24 @@ class VM(Emitter):
         if st is None:
             raise VMError(f"VM {self.name!r} is not running; 'uffdlab up {self.name}' first")
         return Session(st.ssh_port, st.host_pubkey, self.key_path, timeout=timeout)
+
+    def shared_session(self) -> Session:
+        """One SSH connection kept for this VM object and reused by run after
+        run: under TCG a new handshake costs about a second of guest CPU."""
+        st = self.state()
+        shared = getattr(self, "_shared", None)
+        if shared is not None and st is not None and shared.port == st.ssh_port \
+                and shared.alive():
+            return shared
+        self.drop_session()
+        self._shared = self.session()
+        return self._shared
+
+    def drop_session(self) -> None:
+        shared = getattr(self, "_shared", None)
+        self._shared = None
+        if shared is not None:
+            shared.close()
 
     def update_state(self, **changes) -> VMState:
         st = self.state()
