@@ -207,18 +207,14 @@ void format_size(uint64_t b, char *buf, size_t len)
 
 /* ---- /proc ---- */
 
-long proc_status_kb(pid_t pid, const char *field)
+/* The number after "FIELD:" in a /proc file such as status or meminfo, or -1. */
+static long proc_file_field(const char *path, const char *field)
 {
-	char path[64], line[256];
+	char line[256];
 	size_t flen = strlen(field);
 	long val = -1;
-	FILE *f;
+	FILE *f = fopen(path, "re");
 
-	if (pid)
-		snprintf(path, sizeof(path), "/proc/%d/status", (int)pid);
-	else
-		snprintf(path, sizeof(path), "/proc/self/status");
-	f = fopen(path, "re");
 	if (!f)
 		return -1;
 	while (fgets(line, sizeof(line), f)) {
@@ -229,6 +225,17 @@ long proc_status_kb(pid_t pid, const char *field)
 	}
 	fclose(f);
 	return val;
+}
+
+long proc_status_kb(pid_t pid, const char *field)
+{
+	char path[64];
+
+	if (pid)
+		snprintf(path, sizeof(path), "/proc/%d/status", (int)pid);
+	else
+		snprintf(path, sizeof(path), "/proc/self/status");
+	return proc_file_field(path, field);
 }
 
 bool read_long_file(const char *path, long *out)
@@ -245,21 +252,7 @@ bool read_long_file(const char *path, long *out)
 
 long meminfo_value(const char *field)
 {
-	char line[256];
-	size_t flen = strlen(field);
-	long val = -1;
-	FILE *f = fopen("/proc/meminfo", "re");
-
-	if (!f)
-		return -1;
-	while (fgets(line, sizeof(line), f)) {
-		if (!strncmp(line, field, flen) && line[flen] == ':') {
-			val = strtol(line + flen + 1, NULL, 10);
-			break;
-		}
-	}
-	fclose(f);
-	return val;
+	return proc_file_field("/proc/meminfo", field);
 }
 
 const char *kernel_release(void)
