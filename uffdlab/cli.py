@@ -7,7 +7,6 @@ import os
 import shlex
 import sys
 import time
-from pathlib import Path
 
 from .config import ConfigError, Lab, load_lab
 from .events import Event
@@ -107,18 +106,15 @@ def cmd_status(args) -> int:
     lab = _lab(args)
     for d in stale_dirs(lab):
         sweep_dir(d)
+    def row(name: str, st) -> list[str]:
+        return [name, st.image, "up" if st.ssh_ready else "booting", st.kernel_release,
+                st.accel, str(st.ssh_port), f"{time.time() - st.started:.0f} s"]
+
     rows = []
     for vm in all_vms(lab):
         st = vm.state()
-        if st is None:
-            rows.append([vm.name, vm.spec.image, "stopped", "", "", "", ""])
-        else:
-            rows.append([vm.name, st.image, "up" if st.ssh_ready else "booting",
-                         st.kernel_release, st.accel, str(st.ssh_port),
-                         f"{time.time() - st.started:.0f} s"])
-    for d, st in other_running(lab):
-        rows.append([d.name, st.image, "up" if st.ssh_ready else "booting", st.kernel_release,
-                     st.accel, str(st.ssh_port), f"{time.time() - st.started:.0f} s"])
+        rows.append(row(vm.name, st) if st else [vm.name, vm.spec.image, "stopped"] + [""] * 4)
+    rows += [row(d.name, st) for d, st in other_running(lab)]
     table(["vm", "image", "state", "kernel", "accel", "ssh port", "uptime"], rows)
     return EXIT_OK
 

@@ -104,7 +104,7 @@ def cmd_demo(args) -> int:
     import papermill
 
     from .images import ImageStore
-    from .sweep import KERNEL, NOTEBOOKS, POINT_NOTEBOOK, _result_line
+    from .sweep import KERNEL, NOTEBOOKS, POINT_NOTEBOOK, result_line
     lab = _lab(args)
     name, spec = lab.vm_spec(args.vm)
     ImageStore(lab, Renderer()).build(spec.image)
@@ -119,7 +119,7 @@ def cmd_demo(args) -> int:
                                            "teardown": not args.keep},
                                kernel_name=KERNEL, progress_bar=True, cwd=str(NOTEBOOKS),
                                log_output=args.verbose)
-    found = _result_line(out) or {}
+    found = result_line(out) or {}
     print(f"run {found.get('run_id')}: {found.get('status')}")
     print(f"executed notebook: {out}")
     print(f"results database:  {lab.results_path} ('uffdlab results')")

@@ -586,7 +586,6 @@ def plot_sweep(runs: "pd.DataFrame", x: str = "param_writers",
     """Metrics against one parameter, a line per group (`by`: one column or
     several, joined in the legend). Repeated points are averaged; runs
     without the metric (failed ones) are left out. Sizes sort by bytes."""
-    import pandas as pd
 
     ys = [y] if isinstance(y, str) else list(y)
     bys = [] if by is None else [by] if isinstance(by, str) else list(by)
@@ -628,7 +627,6 @@ def plot_sweep(runs: "pd.DataFrame", x: str = "param_writers",
 def runs_table(runs: "pd.DataFrame", columns: Iterable[str] | None = None) -> "pd.DataFrame":
     """A compact view of a runs DataFrame: parameters that vary, status,
     verdict and the main metrics."""
-    import pandas as pd
     if runs.empty:
         return runs
     params = [c for c in runs.columns if c.startswith("param_")

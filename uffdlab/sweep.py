@@ -140,7 +140,7 @@ def run_sweep(lab: Lab, grid: Grid, listener: Listener | None = None,
             papermill.execute_notebook(str(NOTEBOOKS / grid.notebook), str(nb_out),
                                        parameters=params, kernel_name=KERNEL,
                                        progress_bar=False, cwd=str(NOTEBOOKS))
-            found = _result_line(nb_out)
+            found = result_line(nb_out)
             if found is None:
                 entry["error"] = "the notebook printed no RESULT line"
             else:
@@ -190,7 +190,7 @@ def _teardown(lab: Lab, grid: Grid, points: list[dict], ev: Emitter) -> None:
             ev.emit("failed", f"teardown of {image}: {_first_line(e)}")
 
 
-def _result_line(nb_path: Path) -> dict | None:
+def result_line(nb_path: Path) -> dict | None:
     nb = json.loads(nb_path.read_text())
     for cell in nb.get("cells", []):
         for output in cell.get("outputs", []):

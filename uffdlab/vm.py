@@ -139,35 +139,17 @@ class VM(Emitter):
 
     # -- state ------------------------------------------------------------
     def state(self) -> VMState | None:
-        """The running VM's state, or None; sweeps a VM whose processes died."""
-        if not self.state_file.exists():
-            if self.dir.exists() and not self._keeper_alive():
-                cleanup(self.dir)
+        """The running VM's state, or None; sweeps a VM whose processes died.
+        (None too while another process is still starting its keeper.)"""
+        if not self.dir.exists():
+            return None
+        if not _dir_alive(self.dir):
+            sweep_dir(self.dir)
             return None
         try:
-            st = VMState.load(self.state_file)
+            return VMState.load(self.state_file)
         except (OSError, ValueError, TypeError):
-            st = None
-        if st is None or not (pid_alive(st.keeper_pid) or pid_alive(st.qemu_pid)):
-            self._sweep(st)
             return None
-        return st
-
-    def _keeper_alive(self) -> bool:
-        pidfile = self.dir / "keeper.pid"
-        try:
-            return pid_alive(int(pidfile.read_text()))
-        except (OSError, ValueError):
-            return False
-
-    def _sweep(self, st: VMState | None) -> None:
-        if st is not None and pid_alive(st.qemu_pid):
-            os.kill(st.qemu_pid, signal.SIGKILL)
-        cleanup(self.dir)
-
-    @property
-    def running(self) -> bool:
-        return self.state() is not None
 
     # -- command line -----------------------------------------------------
     def command(self, accel: str, ssh_port: int = 0) -> QemuCommand:
@@ -287,7 +269,7 @@ class VM(Emitter):
             time.sleep(0.5)
 
     def _internal_error(self) -> bool:
-        if self.spec and (self.dir / "qmp.sock").exists():
+        if (self.dir / "qmp.sock").exists():
             try:
                 return qmp(self.dir / "qmp.sock", "query-status", 2)["status"] == "internal-error"
             except Exception:
@@ -321,7 +303,7 @@ class VM(Emitter):
         while time.monotonic() < deadline and (pid_alive(st.keeper_pid) or
                                                pid_alive(st.qemu_pid)):
             time.sleep(0.05)
-        self._sweep(st)                 # whatever the keeper did not finish
+        sweep_dir(self.dir)             # whatever the keeper did not finish
         self.emit("stopped", f"overlay deleted after {time.time() - st.started:.0f} s up")
         return True
 
@@ -390,7 +372,7 @@ def _tail(path: Path, n: int) -> str:
 
 
 def all_vms(lab: Lab, listener: Listener | None = None) -> list[VM]:
-    """Every VM of the lab, plus any with state on disk but gone from lab.yml."""
+    """Every VM lab.yml names, running or not (see other_running for the rest)."""
     return [VM(lab, name, listener) for name in lab.vms]
 
 
