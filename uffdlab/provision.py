@@ -102,6 +102,7 @@ def provision(vm: VM, playbook: str = "provision.yml") -> ProvisionResult:
 
     started = time.monotonic()
     vm.emit("provisioning", f"{playbook} on {vm.name}")
+    _wait_for_sshd(vm)
     events = _EventCollector(vm)
     # A short private path: ssh control sockets must fit in 108 bytes.
     with tempfile.TemporaryDirectory(prefix="uffdlab-ans-") as tmp:
@@ -120,7 +121,7 @@ def provision(vm: VM, playbook: str = "provision.yml") -> ProvisionResult:
                        "guest_tools_sha256": hashlib.sha256(tarball.read_bytes()).hexdigest()},
             envvars={"ANSIBLE_PIPELINING": "True", "ANSIBLE_HOST_KEY_CHECKING": "True",
                      "ANSIBLE_NOCOLOR": "1", "ANSIBLE_RETRY_FILES_ENABLED": "False",
-                     "ANSIBLE_SSH_RETRIES": "2", "ANSIBLE_LOCAL_TEMP": str(tmp / "at"),
+                     "ANSIBLE_SSH_RETRIES": "5", "ANSIBLE_LOCAL_TEMP": str(tmp / "at"),
                      "PATH": bin_dir + os.pathsep + os.environ.get("PATH", "")},
             event_handler=events,
             quiet=True,
@@ -140,6 +141,24 @@ def provision(vm: VM, playbook: str = "provision.yml") -> ProvisionResult:
     vm.emit("provisioning", f"done in {res.seconds} s: {res.ok} ok, {res.changed} changed",
             changed=res.changed, seconds=res.seconds)
     return res
+
+
+def _wait_for_sshd(vm: VM, seconds: float = 120) -> None:
+    """The play's first task is a raw round trip with no retries of its own,
+    and a guest's sshd may be briefly gone just after boot (QEMU's user
+    network then accepts and drops the connection). Wait until a command
+    runs; the connection is kept for the runs that follow."""
+    deadline = time.monotonic() + seconds
+    while True:
+        try:
+            vm.shared_session().run("true", timeout=30, check=True)
+            return
+        except Exception as e:
+            vm.drop_session()
+            if time.monotonic() > deadline:
+                raise ProvisionError(f"{vm.name}: no SSH command ran in {seconds:.0f} s: "
+                                     f"{e}") from e
+            time.sleep(1)
 
 
 def ensure_provisioned(vm: VM) -> dict:
