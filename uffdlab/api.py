@@ -27,7 +27,8 @@ def vm_for(lab: Lab, image: str, memory: str | int = "1536M", cpus: int = 2,
     for the same shape reuse one running, provisioned VM."""
     lab.image_spec(image)                                  # a clear error if unknown
     size = parse_size(memory)
-    name = name or re.sub(r"[^a-z0-9-]", "-", f"nb-{image}-{format_size(size)}-{cpus}c".lower())
+    if name is None:
+        name = re.sub(r"[^a-z0-9-]", "-", f"nb-{image}-{format_size(size)}-{cpus}c".lower())
     spec = VMSpec(image=image, memory=size, cpus=cpus)
     derived = lab.model_copy(update={"vms": {**lab.vms, name: spec}})
     return VM(derived, name, listener)

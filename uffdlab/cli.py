@@ -102,10 +102,10 @@ def cmd_ssh(args) -> int:
 
 
 def cmd_status(args) -> int:
-    from .vm import all_vms, other_running, stale_dirs, sweep_dir
+    from .vm import all_vms, other_running, reap_dir, stale_dirs
     lab = _lab(args)
     for d in stale_dirs(lab):
-        sweep_dir(d)
+        reap_dir(d)
     def row(name: str, st) -> list[str]:
         return [name, st.image, "up" if st.ssh_ready else "booting", st.kernel_release,
                 st.accel, str(st.ssh_port), f"{time.time() - st.started:.0f} s"]
@@ -120,13 +120,13 @@ def cmd_status(args) -> int:
 
 
 def cmd_down(args) -> int:
-    from .vm import VM, all_vms, other_running, stale_dirs, stop_dir, sweep_dir
+    from .vm import VM, all_vms, other_running, reap_dir, stale_dirs, stop_dir
     lab = _lab(args)
     if args.all:
         for d in stale_dirs(lab):
-            sweep_dir(d)
-            print(f"{d.name}: swept (its processes were gone)")
-        for d, _ in other_running(lab, own_only=True):   # another lab's VMs are its own
+            reap_dir(d)
+            print(f"{d.name}: cleaned up (its processes were gone)")
+        for d, _ in other_running(lab):          # only this lab file's VMs
             stop_dir(d)
             print(f"{d.name}: stopped")
         vms = all_vms(lab, Renderer())
@@ -155,7 +155,8 @@ def cmd_doctor(args) -> int:
 
 
 # -- helpers --------------------------------------------------------------
-def table(headers: list[str], rows: list[list[str]], stream=sys.stdout) -> None:
+def table(headers: list[str], rows: list[list[str]], stream=None) -> None:
+    stream = stream or sys.stdout
     widths = [max(len(str(x)) for x in col) for col in zip(headers, *rows)]
     for row in [headers, *rows]:
         print("  ".join(str(x).ljust(w) for x, w in zip(row, widths)).rstrip(), file=stream)

@@ -62,9 +62,15 @@ def _disk(lab: Lab) -> Check:
 
 def _kvm(lab: Lab) -> Check:
     from .images import ImageStore
-    if not accel.kvm_openable():
-        return Check("accel", True, "/dev/kvm not available: VMs will run under TCG "
+    usable, why_not = accel.kvm_status()
+    if not usable and why_not == "missing":
+        return Check("accel", True, "/dev/kvm is missing: VMs will run under TCG "
                      "(slow, but every scenario works)", required=False)
+    if not usable:
+        return Check("accel", False, f"/dev/kvm exists but cannot be opened ({why_not}): "
+                     "VMs will run under TCG, many times slower",
+                     "add yourself to the kvm group (sudo usermod -aG kvm $USER), then log "
+                     "in again; or set accel: tcg to silence this", required=False)
     store = ImageStore(lab)
     built = [img for img in map(store.image, lab.images) if img.built or img.spec.kernel.is_local]
     if not built:

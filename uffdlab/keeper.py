@@ -12,12 +12,13 @@ from __future__ import annotations
 
 import ctypes
 import json
-import os
 import signal
 import subprocess
 import sys
 import threading
 from pathlib import Path
+
+from .owned import remove_vm_dir
 
 PR_SET_PDEATHSIG = 1
 
@@ -29,17 +30,13 @@ def die_with_parent() -> None:
 
 
 def cleanup(state_dir: Path) -> None:
-    """Remove everything of a stopped VM but its last serial log."""
-    serial = state_dir / "serial.log"
-    if serial.exists():
-        os.replace(serial, state_dir.parent / f"{state_dir.name}.serial.log")
-    for p in sorted(state_dir.glob("*"), reverse=True):
-        if p.is_file() or p.is_socket():
-            p.unlink(missing_ok=True)
-    try:
-        state_dir.rmdir()
-    except OSError:
-        pass
+    """Remove the lab's files of a stopped VM, keeping its last serial log
+    next to the directory (only files the lab names; see owned.py)."""
+    remove_vm_dir(state_dir, keep_serial_as=last_serial_log(state_dir))
+
+
+def last_serial_log(state_dir: Path) -> Path:
+    return state_dir.parent / f"{state_dir.name}.serial.log"
 
 
 def main(state_dir: Path) -> int:

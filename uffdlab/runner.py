@@ -82,7 +82,8 @@ def prepare(vm: VM, scenario_key: str, params: dict[str, Any] | None = None,
     sc = scenarios.get(scenario_key)
     resolved = scenarios.resolve(sc, params or {})
     scenarios.check_against(sc, resolved, vm.spec.memory, None)
-    limit = timeout if timeout is not None else resolved["duration"] + SLACK_SECONDS
+    limit = min(resolved["duration"] + SLACK_SECONDS, scenarios.limit("timeout")[1]) \
+        if timeout is None else scenarios.seconds("timeout", timeout, "timeout")
     if limit <= resolved["duration"]:
         raise scenarios.ScenarioError(f"timeout: expected more seconds than duration "
                                       f"({resolved['duration']:g}), got {limit!r}")

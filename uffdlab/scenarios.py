@@ -4,15 +4,40 @@ before anything runs."""
 from __future__ import annotations
 
 import difflib
+import functools
+import math
 import re
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Callable
 
 from .config import format_size, parse_size
 
+# The guest tool's own option limits: one source for C and for the checks
+# made here before anything boots.
+LIMITS_H = Path(__file__).resolve().parent.parent / "guest-tools" / "src" / "limits.h"
+
 
 class ScenarioError(ValueError):
     pass
+
+
+@functools.cache
+def tool_limits() -> dict[str, tuple[float, float]]:
+    """{'duration': (0.05, 86400), ...} from guest-tools/src/limits.h."""
+    found: dict[str, dict[str, float]] = {}
+    for m in re.finditer(r"^#define\s+LIM_([A-Z0-9_]+)_(MIN|MAX)\s+(\S+)",
+                         LIMITS_H.read_text(), re.M):
+        found.setdefault(m.group(1).lower(), {})[m.group(2)] = float(m.group(3))
+    return {k: (v["MIN"], v["MAX"]) for k, v in found.items()}
+
+
+def limit(name: str) -> tuple[float, float]:
+    return tool_limits()[name]
+
+
+def _num(x: float) -> str:
+    return f"{x:g}" if x < 1e6 or x != int(x) else f"{int(x)}"
 
 
 @dataclass(frozen=True)
@@ -23,28 +48,40 @@ class Param:
     parse: Callable[[str, Any], Any]
 
 
-def _int_range(lo: int, hi: int):
+def _int_range(key: str):
+    """A whole number within the tool's limits for `key`."""
     def parse(name: str, v: Any) -> int:
+        lo, hi = map(int, limit(key))
+        expected = f"{name}: expected a whole number from {lo} to {hi}, got {v!r}"
+        if isinstance(v, bool) or isinstance(v, float) and not v.is_integer():
+            raise ScenarioError(expected)
         try:
             n = int(v)
         except (TypeError, ValueError):
-            raise ScenarioError(f"{name}: expected a whole number from {lo} to {hi}, got {v!r}")
+            raise ScenarioError(expected) from None
         if not lo <= n <= hi:
-            raise ScenarioError(f"{name}: expected a whole number from {lo} to {hi}, got {v!r}")
+            raise ScenarioError(expected)
         return n
     return parse
 
 
-def _float_range(lo: float, hi: float):
-    def parse(name: str, v: Any) -> float:
-        try:
-            x = float(v)
-        except (TypeError, ValueError):
-            raise ScenarioError(f"{name}: expected seconds from {lo} to {hi}, got {v!r}")
-        if not lo < x <= hi:
-            raise ScenarioError(f"{name}: expected seconds above {lo} and at most {hi}, got {v!r}")
-        return x
-    return parse
+def seconds(name: str, v: Any, key: str) -> float:
+    """A finite number of seconds within the tool's limits for `key`."""
+    lo, hi = limit(key)
+    expected = f"{name}: expected seconds from {_num(lo)} to {_num(hi)}, got {v!r}"
+    if isinstance(v, bool):
+        raise ScenarioError(expected)
+    try:
+        x = float(v)
+    except (TypeError, ValueError):
+        raise ScenarioError(expected) from None
+    if not (math.isfinite(x) and lo <= x <= hi):
+        raise ScenarioError(expected)
+    return x
+
+
+def _seconds(key: str):
+    return lambda name, v: seconds(name, v, key)
 
 
 def _choice(*choices: str):
@@ -68,19 +105,26 @@ def _size(name: str, v: Any) -> str:
 def _rate(name: str, v: Any) -> str:
     if str(v) == "max":
         return "max"
+    lo, hi = limit("rate")
     try:
-        if int(v) > 0:
-            return str(int(v))
+        n = int(v) if not isinstance(v, (bool, float)) else None
     except (TypeError, ValueError):
-        pass
-    raise ScenarioError(f"{name}: expected page writes per second (a positive number) "
-                        f"or 'max', got {v!r}")
+        n = None
+    if n is None or not lo <= n <= hi:
+        raise ScenarioError(f"{name}: expected page writes per second, a whole number from "
+                            f"{_num(lo)} to {_num(hi)}, or 'max', got {v!r}")
+    return str(n)
 
 
 def _pattern(name: str, v: Any) -> str:
-    if v in ("uniform", "sequential") or re.fullmatch(r"hot:(0?\.\d+|1(\.0*)?)", str(v)):
+    if v in ("uniform", "sequential"):
         return str(v)
-    raise ScenarioError(f"{name}: expected uniform, sequential or hot:FRACTION, got {v!r}")
+    lo, hi = limit("hot_fraction")
+    m = re.fullmatch(r"hot:(\d*\.?\d+)", str(v))
+    if m and lo < float(m.group(1)) <= hi:
+        return str(v)
+    raise ScenarioError(f"{name}: expected uniform, sequential or hot:FRACTION with "
+                        f"{_num(lo)} < FRACTION <= {_num(hi)}, got {v!r}")
 
 
 def _yes_no(name: str, v: Any) -> str:
@@ -97,19 +141,20 @@ BACKINGS = ("memfd", "shmem", "hugetlbfs", "anon")
 # Parameters every scenario takes; a scenario's own flags add more.
 COMMON = {p.name: p for p in (
     Param("size", "32M", "guest RAM size", _size),
-    Param("writers", 4, "writer processes (vhost-user-backend role)", _int_range(1, 64)),
+    Param("writers", 4, "writer processes (vhost-user-backend role)", _int_range("writers")),
     Param("backing", "memfd", "guest RAM backing: " + "|".join(BACKINGS), _choice(*BACKINGS)),
     Param("strategy", "uffd-wp", "snapshot strategy: " + "|".join(STRATEGIES),
           _choice(*STRATEGIES)),
     Param("pattern", "uniform", "which pages writers hit: uniform|sequential|hot:F", _pattern),
     Param("rate", "200000", "combined page writes/s, or max", _rate),
-    Param("duration", 1.0, "seconds the writers run", _float_range(0, 600)),
+    Param("duration", 1.0, "seconds the writers run", _seconds("duration")),
     Param("populate", "no", "fault all RAM in before protecting (thread step 1b)", _yes_no),
-    Param("seed", 1, "random seed", _int_range(0, 2**31 - 1)),
+    Param("seed", 1, "random seed", _int_range("seed")),
 )}
 # Scenario-specific knobs a user may change, when the scenario uses them.
 EXTRA = {p.name: p for p in (
-    Param("unregistered", 1, "writers that map RAM but never register", _int_range(0, 64)),
+    Param("unregistered", 1, "writers that map RAM but never register (at most writers)",
+          _int_range("unregistered")),
     Param("prefill", "yes", "write every page before the snapshot", _yes_no),
     Param("unprotect", "all", "un-protect copied faulted pages in all|faulting", _choice(
         "all", "faulting")),
@@ -211,7 +256,11 @@ def resolve(scenario: Scenario, params: dict[str, Any]) -> dict[str, Any]:
         raise ScenarioError(f"{scenario.id}: unknown parameter {unknown[0]!r}; valid "
                             f"parameters: {', '.join(sorted(valid))}")
     merged = scenario.defaults() | params
-    return {k: valid[k].parse(k, v) for k, v in merged.items()}
+    resolved = {k: valid[k].parse(k, v) for k, v in merged.items()}
+    if resolved.get("unregistered", 0) > resolved["writers"]:
+        raise ScenarioError(f"unregistered: expected at most writers "
+                            f"({resolved['writers']}), got {resolved['unregistered']}")
+    return resolved
 
 
 def check_against(scenario: Scenario, resolved: dict[str, Any], vm_memory: int,

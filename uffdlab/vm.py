@@ -1,33 +1,40 @@
 """Lab.vm(name).up() --qemu overlay, QMP, hostfwd--> a running, SSH-ready VM.
 
-A running VM is a directory `<cache>/vms/<name>/` holding state.json, the
-qcow2 overlay, the QMP socket and the serial log, owned by a keeper process
-(see keeper.py). `down()` quits QEMU over QMP; the keeper then deletes the
-overlay. State on disk lets any later command find, use or sweep a VM.
+A running VM is a directory `<cache>/vms/<lab>/<name>/` holding state.json,
+the qcow2 overlay, the QMP socket and the serial log, owned by a keeper
+process (see keeper.py). `<lab>` is one directory per lab file, so two labs
+sharing a cache never see each other's VMs. `down()` quits QEMU over QMP;
+the keeper then deletes the overlay. State on disk lets any later command
+find, use or clean up a VM, and owned.py decides what it may touch: only
+marked directories, only the lab's file names, only processes whose start
+time and command line match what was recorded at launch.
 """
 from __future__ import annotations
 
 import asyncio
 import concurrent.futures
 import fcntl
+import hashlib
 import json
 import logging
 import os
+import re
 import signal
 import socket
 import subprocess
 import sys
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
 import paramiko
 
 from . import accel as accel_mod
-from .config import Lab
+from .config import Lab, format_size
 from .events import Emitter, Listener
 from .images import Image, ImageStore
-from .keeper import cleanup
+from .keeper import cleanup, last_serial_log
+from .owned import NotOursError, ProcessId, is_vm_dir, make_vm_dir
 from .qemu import QemuCommand
 from .ssh import Session, port_open
 
@@ -51,12 +58,13 @@ class VMState:
     accel: str
     accel_reason: str
     ssh_port: int
-    keeper_pid: int
-    qemu_pid: int
+    keeper: dict                    # owned.ProcessId of the keeper, and of QEMU
+    qemu: dict
     started: float
     host_pubkey: str
     memory: int
     cpus: int
+    cmdline: str = ""               # the guest kernel's extra command line
     ssh_ready: bool = False
     boot_seconds: float | None = None
     facts: dict = field(default_factory=dict)   # probe output once provisioned
@@ -64,7 +72,34 @@ class VMState:
 
     @classmethod
     def load(cls, path: Path) -> "VMState":
-        return cls(**json.loads(path.read_text()))
+        data = json.loads(path.read_text())
+        known = {f.name for f in fields(cls)}
+        return cls(**{k: v for k, v in data.items() if k in known})
+
+    @property
+    def keeper_id(self) -> ProcessId | None:
+        return ProcessId.from_dict(self.keeper)
+
+    @property
+    def qemu_id(self) -> ProcessId | None:
+        return ProcessId.from_dict(self.qemu)
+
+    @property
+    def keeper_pid(self) -> int:
+        return int(self.keeper.get("pid", 0))
+
+    @property
+    def qemu_pid(self) -> int:
+        return int(self.qemu.get("pid", 0))
+
+    def alive(self) -> bool:
+        """Whether the keeper or QEMU the lab started still runs (a reused
+        PID is not them)."""
+        return any(p is not None and p.alive() for p in (self.keeper_id, self.qemu_id))
+
+    def shape(self) -> dict:
+        return {"image key": self.image_key, "memory": self.memory, "cpus": self.cpus,
+                "kernel command line": self.cmdline}
 
     def save(self, path: Path) -> None:
         tmp = path.with_suffix(".tmp")
@@ -72,19 +107,23 @@ class VMState:
         os.replace(tmp, path)
 
 
-def pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    # a zombie child of ours counts as gone
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().split(") ", 1)[1][0] != "Z"
-    except OSError:
-        return False
+# VM and image names become directory names: never a path.
+NAME_RE = re.compile(r"[a-z0-9][a-z0-9_-]{0,31}")
+
+
+def check_name(name: str, what: str = "VM") -> str:
+    if not isinstance(name, str) or not NAME_RE.fullmatch(name):
+        raise VMError(f"{what} name: expected lowercase letters, digits, _ and - (up to 32, "
+                      f"starting with a letter or digit), got {name!r}")
+    return name
+
+
+def lab_vms_dir(lab: Lab) -> Path:
+    """The directory of this lab file's VMs: one per lab file, so labs that
+    share a cache (and VM names) never see each other's VMs."""
+    source = str(lab.source.resolve())
+    slug = re.sub(r"[^a-z0-9-]+", "-", lab.name.lower()).strip("-")[:24] or "lab"
+    return lab.cache_path / "vms" / f"{slug}-{hashlib.sha256(source.encode()).hexdigest()[:8]}"
 
 
 def free_port() -> int:
@@ -114,11 +153,15 @@ class VM(Emitter):
     """One VM of the lab, running or not."""
 
     def __init__(self, lab: Lab, name: str | None = None, listener: Listener | None = None):
+        if name is not None:
+            check_name(name)
         self.name, self.spec = lab.vm_spec(name)
+        check_name(self.name)
+        check_name(self.spec.image, "image")
         super().__init__(self.name, listener)
         self.lab = lab
         self.images = ImageStore(lab, listener)
-        self.dir = lab.cache_path / "vms" / self.name
+        self.dir = lab_vms_dir(lab) / self.name
 
     # -- paths ------------------------------------------------------------
     @property
@@ -128,7 +171,7 @@ class VM(Emitter):
     @property
     def serial_log(self) -> Path:
         live = self.dir / "serial.log"
-        return live if live.exists() else self.dir.parent / f"{self.name}.serial.log"
+        return live if live.exists() else last_serial_log(self.dir)
 
     @property
     def key_path(self) -> Path:
@@ -141,10 +184,10 @@ class VM(Emitter):
     def state(self) -> VMState | None:
         """The running VM's state, or None; sweeps a VM whose processes died.
         (None too while another process is still starting its keeper.)"""
-        if not self.dir.exists():
+        if not is_vm_dir(self.dir):
             return None
         if not _dir_alive(self.dir):
-            sweep_dir(self.dir)
+            reap_dir(self.dir)
             return None
         try:
             return VMState.load(self.state_file)
@@ -159,16 +202,24 @@ class VM(Emitter):
             cpus=self.spec.cpus, vmlinuz=img.vmlinuz, initrd=img.initrd,
             disk=self.dir / "overlay.qcow2", ssh_port=ssh_port,
             serial_log=self.dir / "serial.log", qmp_socket=self.dir / "qmp.sock",
-            cmdline=" ".join(p for p in (img.kernel_cmdline, self.spec.cmdline) if p))
+            cmdline=self.kernel_cmdline(img))
 
-    def choose_accel(self) -> accel_mod.AccelChoice:
+    def kernel_cmdline(self, img: Image | None = None) -> str:
+        img = img or self.image()
+        return " ".join(p for p in (img.kernel_cmdline, self.spec.cmdline) if p)
+
+    def choose_accel(self, probe: bool = True) -> accel_mod.AccelChoice:
         img = self.image()
         return accel_mod.choose(self.lab.accel, img.vmlinuz, img.initrd,
-                                self.lab.cache_path / "accel.json")
+                                self.lab.cache_path / "accel.json", probe=probe)
 
     def dry_run(self) -> str:
-        """The exact QEMU command `up` would run (the port is picked at up)."""
-        return self.command(self.choose_accel().accel, ssh_port=free_port()).shell()
+        """The exact QEMU command `up` would run (the port is picked at up).
+        It starts nothing: with accel auto and no verdict cached yet, it
+        shows the accel a probe would try first and says so."""
+        choice = self.choose_accel(probe=False)
+        cmd = self.command(choice.accel, ssh_port=free_port()).shell()
+        return cmd if not choice.unprobed else f"# accel: {choice.reason}\n{cmd}"
 
     # -- lifecycle --------------------------------------------------------
     def up(self, reuse: bool = False) -> VMState:
@@ -183,6 +234,7 @@ class VM(Emitter):
         st = self.state()
         if st is not None:
             if reuse and st.ssh_ready:
+                self._check_shape(st)
                 return st
             raise VMError(f"VM {self.name!r} is already running (ssh port {st.ssh_port}); "
                           f"'uffdlab down {self.name}' first")
@@ -197,12 +249,25 @@ class VM(Emitter):
                 if attempt == 2:
                     raise VMError("could not bind a free SSH port on 127.0.0.1") from None
 
+    def _check_shape(self, st: VMState) -> None:
+        """A running VM is reused only if it is the VM that was asked for."""
+        img = self.image()
+        wanted = {"image key": img.key, "memory": self.spec.memory, "cpus": self.spec.cpus,
+                  "kernel command line": self.kernel_cmdline(img)}
+        have = st.shape()
+        diff = [f"{k} {_show(k, have[k])} (asked for {_show(k, v)})"
+                for k, v in wanted.items() if have[k] != v]
+        if diff:
+            raise VMError(f"VM {self.name!r} is running with a different shape: "
+                          f"{'; '.join(diff)}. 'uffdlab down {self.name}' first, "
+                          f"or ask for the running shape")
+
     def _boot(self, img: Image, choice: accel_mod.AccelChoice) -> VMState:
         port = free_port()
         cmd = self.command(choice.accel, port)
-        self.dir.mkdir(parents=True, exist_ok=True)
+        make_vm_dir(self.dir, str(self.lab.source.resolve()))
         # the previous boot's log must not speak for this one
-        (self.dir.parent / f"{self.name}.serial.log").unlink(missing_ok=True)
+        last_serial_log(self.dir).unlink(missing_ok=True)
         started = time.time()
         keeper = None
         try:
@@ -217,12 +282,14 @@ class VM(Emitter):
                 stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
                 stderr=open(self.dir / "keeper.log", "w"), start_new_session=True,
                 cwd=Path(__file__).resolve().parent.parent)
-            (self.dir / "keeper.pid").write_text(str(keeper.pid))
+            keeper_id = ProcessId.of(keeper.pid, str(self.dir))
+            (self.dir / "keeper.json").write_text(json.dumps(keeper_id.to_dict()))
             qemu_pid = int(keeper.stdout.readline() or 0)
+            qemu_id = ProcessId.of(qemu_pid, str(cmd.qmp_socket))
             st = VMState(self.name, img.name, img.key, img.kernel_release, choice.accel,
-                         choice.reason, port, keeper.pid, qemu_pid, started,
-                         img.host_pubkey, self.spec.memory, self.spec.cpus,
-                         lab=str(self.lab.source.resolve()))
+                         choice.reason, port, keeper_id.to_dict(), qemu_id.to_dict(),
+                         started, img.host_pubkey, self.spec.memory, self.spec.cpus,
+                         cmdline=cmd.cmdline, lab=str(self.lab.source.resolve()))
             st.save(self.state_file)
             self._wait_for_ssh(st, keeper)
             st.ssh_ready = True
@@ -248,7 +315,7 @@ class VM(Emitter):
             if panic:
                 raise VMError(f"the guest kernel panicked: {panic}\nlast serial lines:\n"
                               f"{self.serial_tail()}")
-            if keeper.poll() is not None or not pid_alive(st.qemu_pid):
+            if keeper.poll() is not None or not st.qemu_id.alive():
                 qlog = _tail(self.dir / "qemu.log", 10)
                 if "host forwarding rule" in qlog:
                     raise _PortTaken()
@@ -297,13 +364,12 @@ class VM(Emitter):
         try:
             qmp(self.dir / "qmp.sock", "quit", 5)
         except Exception:
-            if pid_alive(st.keeper_pid):
-                os.kill(st.keeper_pid, signal.SIGTERM)
+            if st.keeper_id is not None:
+                st.keeper_id.signal(signal.SIGTERM)
         deadline = time.monotonic() + 15
-        while time.monotonic() < deadline and (pid_alive(st.keeper_pid) or
-                                               pid_alive(st.qemu_pid)):
+        while time.monotonic() < deadline and st.alive():
             time.sleep(0.05)
-        sweep_dir(self.dir)             # whatever the keeper did not finish
+        reap_dir(self.dir)              # whatever the keeper did not finish
         self.emit("stopped", f"overlay deleted after {time.time() - st.started:.0f} s up")
         return True
 
@@ -371,51 +437,54 @@ def _tail(path: Path, n: int) -> str:
     return "\n".join(lines[-n:])
 
 
+def _show(key: str, value) -> str:
+    return format_size(value) if key == "memory" else repr(value)
+
+
 def all_vms(lab: Lab, listener: Listener | None = None) -> list[VM]:
     """Every VM lab.yml names, running or not (see other_running for the rest)."""
     return [VM(lab, name, listener) for name in lab.vms]
 
 
+def _vm_dirs(lab: Lab) -> list[Path]:
+    """This lab's VM directories: only those the lab marked as its own."""
+    root = lab_vms_dir(lab)
+    return sorted(d for d in root.iterdir() if is_vm_dir(d)) if root.is_dir() else []
+
+
 def stale_dirs(lab: Lab) -> list[Path]:
-    """VM directories this lab does not name and whose processes are gone.
-    Another lab sharing the cache may own a live one: those are left alone."""
-    root = lab.cache_path / "vms"
-    if not root.is_dir():
-        return []
-    return [p for p in root.iterdir()
-            if p.is_dir() and p.name not in lab.vms and not _dir_alive(p)]
+    """This lab's VM directories whose keeper and QEMU are gone."""
+    return [d for d in _vm_dirs(lab) if not _dir_alive(d)]
 
 
 def _dir_alive(d: Path) -> bool:
+    """Whether a process the lab started for this VM directory still runs.
+    Before state.json exists, keeper.json names the keeper."""
     try:
-        st = VMState.load(d / "state.json")
-        return pid_alive(st.keeper_pid) or pid_alive(st.qemu_pid)
+        return VMState.load(d / "state.json").alive()
     except (OSError, ValueError, TypeError):
         try:
-            return pid_alive(int((d / "keeper.pid").read_text()))
+            keeper = ProcessId.from_dict(json.loads((d / "keeper.json").read_text()))
         except (OSError, ValueError):
             return False
+        return keeper is not None and keeper.alive()
 
 
-def other_running(lab: Lab, own_only: bool = False) -> list[tuple[Path, VMState]]:
-    """Live VMs in this cache that lab.yml does not name: the nb-* VMs that
-    notebooks derive from it, and (unless own_only) other lab files' VMs."""
-    root = lab.cache_path / "vms"
-    mine = str(lab.source.resolve())
+def other_running(lab: Lab) -> list[tuple[Path, VMState]]:
+    """Live VMs of this lab file that lab.yml does not name: the nb-* VMs
+    that notebooks derive from it."""
     out = []
-    for d in sorted(root.iterdir()) if root.is_dir() else []:
-        if d.is_dir() and d.name not in lab.vms and _dir_alive(d):
+    for d in _vm_dirs(lab):
+        if d.name not in lab.vms and _dir_alive(d):
             try:
-                st = VMState.load(d / "state.json")
+                out.append((d, VMState.load(d / "state.json")))
             except (OSError, ValueError, TypeError):
                 continue
-            if st.lab == mine or not own_only:
-                out.append((d, st))
     return out
 
 
 def stop_dir(d: Path) -> None:
-    """Stop a VM known only by its directory: QMP quit, then sweep."""
+    """Stop a VM known only by its directory: QMP quit, then reap."""
     try:
         qmp(d / "qmp.sock", "quit", 5)
         deadline = time.monotonic() + 15
@@ -423,16 +492,20 @@ def stop_dir(d: Path) -> None:
             time.sleep(0.05)
     except Exception:
         pass
-    sweep_dir(d)
+    reap_dir(d)
 
 
-def sweep_dir(d: Path) -> None:
-    """Stop and remove a VM directory that lab.yml no longer names."""
+def reap_dir(d: Path) -> None:
+    """Kill what is left of a VM's processes (only if they are still the ones
+    the lab started) and remove the lab's files from its directory."""
+    if not is_vm_dir(d):
+        return
     try:
         st = VMState.load(d / "state.json")
-        for pid in (st.qemu_pid, st.keeper_pid):
-            if pid_alive(pid):
-                os.kill(pid, signal.SIGKILL)
+        for proc in (st.qemu_id, st.keeper_id):
+            if proc is not None:
+                proc.kill()
     except (OSError, ValueError, TypeError):
         pass
     cleanup(d)
+

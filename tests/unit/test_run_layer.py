@@ -111,3 +111,47 @@ def test_anonymous_sparse_needs_wp_unpopulated():
              "feature_min_kernel": {"WP_UNPOPULATED": "6.4"}}
     with pytest.raises(ScenarioError, match="WP_UNPOPULATED"):
         scenarios.check_against(sc, params, 2 << 30, probe)
+
+
+class _SizedVM:
+    """prepare() reads only the VM's spec: no SSH, no QEMU."""
+
+    class spec:
+        memory = 1536 << 20
+
+
+@pytest.mark.parametrize("params,timeout,message", [
+    ({"duration": "0.04"}, None, "duration: expected seconds from 0.05 to 86400, got '0.04'"),
+    ({"duration": "nan"}, None, "duration: expected seconds from 0.05"),
+    ({"rate": "1000000001"}, None, "rate: expected page writes per second, a whole number "
+                                   "from 1 to 1000000000, or 'max', got '1000000001'"),
+    ({"rate": "1e-300"}, None, "rate: expected page writes per second"),
+    ({"pattern": "hot:0.0"}, None, "pattern: expected uniform, sequential or hot:FRACTION "
+                                   "with 0 < FRACTION <= 1, got 'hot:0.0'"),
+    ({"pattern": "hot:1.5"}, None, "got 'hot:1.5'"),
+    ({"writers": 2, "unregistered": 3}, None, "unregistered: expected at most writers (2), "
+                                              "got 3"),
+    ({}, float("inf"), "timeout: expected seconds from 0.1 to 86400, got inf"),
+    ({}, float("nan"), "timeout: expected seconds from 0.1 to 86400, got nan"),
+    ({}, 1e308, "timeout: expected seconds from 0.1 to 86400, got 1e+308"),
+])
+def test_preflight_uses_the_guest_tools_limits(params, timeout, message):
+    from uffdlab.runner import prepare
+    with pytest.raises(ScenarioError) as err:
+        prepare(_SizedVM(), "S5", params, timeout)
+    assert message in str(err.value)
+
+
+def test_limits_come_from_the_guest_tools_header():
+    """The bounds the pre-flight check enforces are limits.h's, at both ends."""
+    from uffdlab.runner import prepare
+    lim = scenarios.tool_limits()
+    lo, hi = lim["duration"]
+    prepare(_SizedVM(), "S3", {"duration": lo})
+    with pytest.raises(ScenarioError):
+        prepare(_SizedVM(), "S3", {"duration": lo * 0.99})
+    w_lo, w_hi = map(int, lim["writers"])
+    scenarios.resolve(scenarios.get("S3"), {"writers": w_hi})
+    with pytest.raises(ScenarioError):
+        scenarios.resolve(scenarios.get("S3"), {"writers": w_hi + 1})
+    assert lim["rate"] == (1, 1e9) and lim["hot_fraction"] == (0, 1)
