@@ -35,11 +35,18 @@ def session_dir(tmp_path_factory) -> Path:
 VM_MEMORY, VM_CPUS = "1536M", 2
 
 
+# The shared VMs by the names api.vm_for gives their shape, so the CLI can
+# address them too (`--vm nb-trixie-1536m-2c`).
+SHARED = {image: f"nb-{image}-{VM_MEMORY.lower()}-{VM_CPUS}c" for image in ("trixie", "bookworm")}
+
+
 @pytest.fixture(scope="session")
 def test_lab(session_dir):
     """The shipped images and a lab file of the tests' own."""
     path = write_lab(session_dir / "lab.yml", {
         "t-scratch": {"image": "trixie", "memory": "512M", "cpus": 1},
+        **{name: {"image": image, "memory": VM_MEMORY, "cpus": VM_CPUS}
+           for image, name in SHARED.items()},
     })
     return load_lab(path)
 

@@ -16,6 +16,7 @@ import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+from .images import is_bzimage
 from .qemu import QEMU
 
 PROBE_SECONDS = 8.0     # a KVM guest prints its banner in well under a second
@@ -52,16 +53,6 @@ def kvm_status() -> tuple[bool, str]:
 
 def kvm_openable() -> bool:
     return kvm_status()[0]
-
-
-def is_bzimage(path: Path) -> bool:
-    """An x86 Linux kernel image carries 'HdrS' at 0x202 of its setup header."""
-    try:
-        with open(path, "rb") as f:
-            f.seek(0x202)
-            return f.read(4) == b"HdrS"
-    except OSError:
-        return False
 
 
 # What QEMU says when KVM itself is the problem (not the kernel or the files).

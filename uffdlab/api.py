@@ -36,9 +36,12 @@ def vm_for(lab: Lab, image: str, memory: str | int = "1536M", cpus: int = 2,
 
 def run_and_store(vm: VM, scenario: str, params: dict[str, Any] | None = None,
                   timeout: float | None = None) -> RunResult:
-    """Run a scenario (booting and provisioning as needed) and store it."""
-    from .results import ResultsDB
+    """Run a scenario (booting and provisioning as needed) and store it. A
+    database that cannot take the run gets it later: it waits in the spool
+    next to the database, and the event says where."""
+    from .results import store_run
     res = run(vm, scenario, params, timeout)
-    with ResultsDB(vm.lab.results_path) as db:
-        db.store(res)
+    outcome = store_run(vm.lab.results_path, res)
+    vm.emit("stored", outcome.message, run_id=res.run_id, stored=outcome.stored,
+            spooled_to=str(outcome.spooled_to or ""))
     return res

@@ -4,7 +4,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from .cli import EXIT_FAIL, EXIT_OK, Renderer, _lab, table
+from .cli import EXIT_CONFIG, EXIT_FAIL, EXIT_OK, Renderer, _lab, table
 
 
 def parse_params(pairs: list[str]) -> dict[str, str]:
@@ -52,10 +52,9 @@ def cmd_run(args) -> int:
     vm = VM(lab, args.vm, Renderer())
     params = parse_params(args.param)
     prepare(vm, args.scenario, params, args.timeout)     # fail before booting anything
-    from .results import ResultsDB
+    from .results import store_run
     res = run(vm, args.scenario, params, args.timeout)
-    with ResultsDB(lab.results_path) as db:
-        db.store(res)
+    stored = store_run(lab.results_path, res)   # spools rather than lose the run
     s = res.summary or {}
     lat = s.get("fault_latency_us", {})
     print(f"run {res.run_id}: {res.scenario} ({res.scenario_name}) on {res.vm}, kernel "
@@ -67,16 +66,74 @@ def cmd_run(args) -> int:
               f"{s.get('mismatched_pages')} {s.get('mismatches_by_cause') or ''}")
     if res.error:
         print(f"  error: {res.error}", file=sys.stderr)
-    print(f"  stored in {lab.results_path}")
+    if stored.stored:
+        print(f"  stored in {lab.results_path}")
+    else:
+        print(f"  NOT in the database: {stored.message}", file=sys.stderr)
+    if stored.imported:
+        print(f"  also imported {len(stored.imported)} spooled run(s): "
+              f"{', '.join(stored.imported)}")
+    for problem in stored.spool_problems:
+        print(f"  spool: {problem}", file=sys.stderr)
     return EXIT_OK if res.status in ("ok", "inconsistent") else EXIT_FAIL
 
 
+def _last_arg(text: str) -> int:
+    """--last N: a run count SQLite can take (argparse names the flag)."""
+    from .results import _INT64_MAX
+    try:
+        n = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number of runs, got {text!r}")
+    if not 0 < n <= _INT64_MAX:
+        raise argparse.ArgumentTypeError(f"expected a number of runs from 1 to {_INT64_MAX}, "
+                                         f"got {text!r}")
+    return n
+
+
 def cmd_results(args) -> int:
-    from .results import ResultsDB, format_table
+    import sqlite3
+
+    from .results import (NoResultsDatabaseError, NotResultsDatabaseError, ResultsDB,
+                          ResultsError, format_table, import_spool, spooled_files)
     lab = _lab(args)
-    with ResultsDB(lab.results_path) as db:
-        rows = db.runs(last=args.last, scenario=args.scenario)
-    print(format_table(rows) if rows else f"no runs in {lab.results_path}")
+    path = lab.results_path
+    if spooled_files(path):            # runs an earlier store could not put in the database
+        try:
+            with ResultsDB(path) as db:
+                report = import_spool(db)
+        except NotResultsDatabaseError as e:
+            print(f"uffdlab: {e}", file=sys.stderr)
+            return EXIT_CONFIG
+        except (ResultsError, OSError) as e:
+            print(f"uffdlab: spooled runs not imported: {e}", file=sys.stderr)
+        else:
+            if report.imported:
+                print(f"imported {len(report.imported)} spooled run(s) into {path}",
+                      file=sys.stderr)
+            for problem in report.problems:
+                print(f"uffdlab: spool: {problem}", file=sys.stderr)
+    try:
+        with ResultsDB(path, readonly=True) as db:
+            rows = db.runs(last=args.last, scenario=args.scenario)
+    except NoResultsDatabaseError as e:
+        print(e)
+        rows = None
+    except NotResultsDatabaseError as e:
+        print(f"uffdlab: {e}", file=sys.stderr)
+        return EXIT_CONFIG
+    except ResultsError as e:
+        print(f"uffdlab: {e}", file=sys.stderr)
+        return EXIT_FAIL
+    except sqlite3.Error as e:         # a damaged file: name it
+        print(f"uffdlab: {path}: cannot read the results database: {e}", file=sys.stderr)
+        return EXIT_FAIL
+    if rows is not None:
+        print(format_table(rows) if rows else f"no runs in {path}")
+    waiting = spooled_files(path)
+    if waiting:
+        print(f"{len(waiting)} spooled run(s) in {waiting[0].parent} are not in the "
+              f"database yet (not listed)", file=sys.stderr)
     return EXIT_OK
 
 
@@ -158,7 +215,7 @@ def register(sub) -> None:
     r.set_defaults(func=cmd_run)
 
     q = sub.add_parser("results", help="stored runs")
-    q.add_argument("--last", type=int, metavar="N")
+    q.add_argument("--last", type=_last_arg, metavar="N", help="only the newest N runs")
     q.add_argument("--scenario", metavar="S")
     q.set_defaults(func=cmd_results)
 

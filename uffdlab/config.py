@@ -14,10 +14,17 @@ from typing import Annotated, Any, Literal
 
 import yaml
 from pydantic import (AfterValidator, BaseModel, BeforeValidator, ConfigDict,
-                      Field, ValidationError, ValidationInfo, field_validator,
-                      model_validator)
+                      Field, PrivateAttr, Strict, ValidationError, ValidationInfo,
+                      field_validator, model_validator)
 
 DEFAULT_KERNEL_PACKAGE = "linux-image-cloud-amd64"
+MAX_DISK = 16 << 40
+MAX_BOOT_TIMEOUT = 86400
+# A lab or grid file is small: more values than this after alias expansion is
+# an alias bomb, not a lab.
+MAX_YAML_NODES = 10_000
+MAX_YAML_DEPTH = 64
+MAX_FILE_BYTES = 1 << 20
 _SIZE_RE = re.compile(r"^\s*(\d+)\s*([KMGT]?)i?B?\s*$", re.IGNORECASE)
 _UNITS = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
 
@@ -55,17 +62,48 @@ def format_size(nbytes: int) -> str:
 
 
 Size = Annotated[int, BeforeValidator(parse_size)]
+# YAML reads yes/no/on/off as booleans, and pydantic would take them as 1/0.
+Count = Annotated[int, Strict()]
+Seconds = Annotated[float, Strict()]
+
+
+def _one_line(v: str) -> str:
+    """Kernel command lines and paths reach QEMU and tools as one argument."""
+    bad = next((c for c in v if ord(c) < 32 or ord(c) == 127), None)
+    if bad is not None:
+        raise ValueError(f"expected text without control characters or line breaks, "
+                         f"got {v!r}")
+    return v
+
+
+OneLine = Annotated[str, AfterValidator(_one_line)]
+
+
+def _not_bool(v: Any) -> Any:
+    if isinstance(v, bool):
+        raise ValueError(f"expected 0 or 1, got {v!r}")
+    return v
 
 
 class _Model(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
 
+def _package_name(name: str) -> str:
+    if not re.fullmatch(r"[a-z0-9][a-z0-9+.-]+", name):
+        raise ValueError(f"expected a Debian package name like linux-perf "
+                         f"(lowercase letters, digits, + - .), got {name!r}")
+    return name
+
+
+PackageName = Annotated[str, AfterValidator(_package_name)]
+
+
 class KernelSpec(_Model):
     """Which kernel boots: a Debian package installed into the image, or a
     contributor's own build booted directly from its path."""
 
-    package: str | None = Field(
+    package: PackageName | None = Field(
         None, description="Debian kernel package to install (default "
         f"{DEFAULT_KERNEL_PACKAGE}); its vmlinuz and initrd boot the VM.")
     vmlinuz: Path | None = Field(
@@ -73,7 +111,7 @@ class KernelSpec(_Model):
     initrd: Path | None = Field(
         None, description="The local kernel's initrd, or null when the kernel "
         "has virtio and ext4 built in (see images/local-kernel.config).")
-    cmdline: str = Field("", description="Extra kernel command line for this kernel.")
+    cmdline: OneLine = Field("", description="Extra kernel command line for this kernel.")
 
     @model_validator(mode="after")
     def _one_source(self) -> "KernelSpec":
@@ -93,16 +131,6 @@ class KernelSpec(_Model):
     @property
     def package_name(self) -> str | None:
         return None if self.is_local else (self.package or DEFAULT_KERNEL_PACKAGE)
-
-
-def _package_name(name: str) -> str:
-    if not re.fullmatch(r"[a-z0-9][a-z0-9+.-]+", name):
-        raise ValueError(f"expected a Debian package name like linux-perf "
-                         f"(lowercase letters, digits, + - .), got {name!r}")
-    return name
-
-
-PackageName = Annotated[str, AfterValidator(_package_name)]
 
 
 def _octal_mode(v: Any) -> Any:
@@ -136,6 +164,9 @@ class ImageSpec(_Model):
     def _disk_big_enough(cls, v: int) -> int:
         if v < parse_size("2G"):
             raise ValueError(f"expected at least 2G for the root disk, got {format_size(v)}")
+        if v > MAX_DISK:
+            raise ValueError(f"expected at most {format_size(MAX_DISK)} for the root disk, "
+                             f"got {format_size(v)}")
         return v
 
 
@@ -144,9 +175,10 @@ class VMSpec(_Model):
 
     image: str = Field(description="Name of an entry under 'images'.")
     memory: Size = Field(parse_size("2G"), description="Guest RAM.")
-    cpus: int = Field(2, ge=1, le=64, description="Virtual CPUs.")
-    cmdline: str = Field("", description="Extra kernel command line.")
-    boot_timeout: float = Field(300, gt=0, description="Seconds to wait for SSH.")
+    cpus: Count = Field(2, ge=1, le=64, description="Virtual CPUs.")
+    cmdline: OneLine = Field("", description="Extra kernel command line.")
+    boot_timeout: Seconds = Field(300, gt=0, le=MAX_BOOT_TIMEOUT, allow_inf_nan=False,
+                                  description="Seconds to wait for SSH.")
 
     @field_validator("memory")
     @classmethod
@@ -156,19 +188,47 @@ class VMSpec(_Model):
         return v
 
 
+# The playbook runs `rm -rf TOOLS_DIR`: never one of these dirs, nor inside
+# the trees below them.
+_SYSTEM_DIRS = {"/", "/bin", "/boot", "/dev", "/etc", "/home", "/lib", "/lib32", "/lib64",
+                "/media", "/mnt", "/opt", "/proc", "/root", "/run", "/sbin", "/srv", "/sys",
+                "/tmp", "/usr", "/var", "/usr/bin", "/usr/lib", "/usr/local", "/usr/sbin",
+                "/usr/share", "/usr/src", "/var/lib", "/var/log", "/var/tmp", "/var/cache"}
+_SYSTEM_TREES = ("/boot/", "/dev/", "/etc/", "/proc/", "/sys/")
+
+
+def _tools_dir(v: str) -> str:
+    if (v.rstrip("/") or "/") in _SYSTEM_DIRS or v.startswith(_SYSTEM_TREES):
+        raise ValueError(f"expected a directory of the lab's own (the playbook empties "
+                         f"it), not a system directory, got {v!r}")
+    if not re.fullmatch(r"/[A-Za-z0-9._/-]{1,200}", v):
+        raise ValueError(f"expected an absolute path of letters, digits and . _ - / "
+                         f"like /opt/uffdlab, got {v!r}")
+    if "//" in v or v.endswith("/") or any(p in (".", "..") for p in v.split("/")):
+        raise ValueError(f"expected a plain absolute path (no '.', '..', '//' or "
+                         f"trailing '/'), got {v!r}")
+    return v
+
+
 class ProvisionVars(_Model):
     """Guest settings handed to Ansible as the variable `lab` unchanged."""
 
-    unprivileged_userfaultfd: Literal[0, 1] = Field(
+    unprivileged_userfaultfd: Annotated[Literal[0, 1], BeforeValidator(_not_bool)] = Field(
         1, description="vm.unprivileged_userfaultfd in the guest (1 lets the "
         "non-root lab user create uffds with the syscall).")
     dev_userfaultfd_mode: Annotated[str, BeforeValidator(_octal_mode)] = Field(
         "0666",
         description="Permissions of /dev/userfaultfd (kernel 6.1+).")
-    hugepages: int = Field(0, ge=0, le=65536,
-                           description="2M huge pages to reserve (hugetlbfs backing).")
-    tools_dir: str = Field("/opt/uffdlab", pattern=r"^/[^\s]*$",
-                           description="Where guest-tools are copied and built.")
+    hugepages: Count = Field(0, ge=0, le=65536,
+                             description="2M huge pages to reserve (hugetlbfs backing).")
+    tools_dir: Annotated[str, AfterValidator(_tools_dir)] = Field(
+        "/opt/uffdlab", description="Where guest-tools are copied and built (an "
+        "absolute path of letters, digits and . _ - /; emptied on every build).")
+
+
+def _one_line_path(p: Path) -> Path:
+    _one_line(str(p))
+    return p
 
 
 class Lab(_Model):
@@ -177,8 +237,8 @@ class Lab(_Model):
     name: str = Field("uffd-lab", description="Recorded with every result.")
     accel: Literal["auto", "kvm", "tcg"] = Field(
         "auto", description="auto uses KVM only when a guest really runs under it.")
-    cache_dir: Path = Field(Path("~/.cache/uffdlab"),
-                            description="Images, keys and VM state (never in git).")
+    cache_dir: Annotated[Path, AfterValidator(_one_line_path)] = Field(
+        Path("~/.cache/uffdlab"), description="Images, keys and VM state (never in git).")
     results: Path = Field(Path("results/lab.sqlite"),
                           description="Results database, relative to lab.yml.")
     images: dict[str, ImageSpec] = Field(description="Image recipes by name.")
@@ -187,6 +247,8 @@ class Lab(_Model):
                                      description="Guest settings for Ansible.")
     # Where the file was read from; relative paths resolve against it.
     source: Path = Field(Path("lab.yml"), exclude=True)
+    # YAML path -> line, for problems found after loading (kernel files, cache)
+    _lines: dict = PrivateAttr(default_factory=dict)
 
     @field_validator("images", "vms")
     @classmethod
@@ -227,6 +289,12 @@ class Lab(_Model):
 
     def kernel_path(self, p: Path) -> Path:
         return self._resolve(p)
+
+    def problem(self, loc: tuple, message: str) -> str:
+        """One problem line, `file:LINE: a.b.c: message`, for a checked field."""
+        line = self._lines.get(loc + ("<key>",)) or self._lines.get(loc)
+        where = f"{self.source}:{line}" if line else str(self.source)
+        return f"{where}: {'.'.join(map(str, loc))}: {message}"
 
     def vm_spec(self, name: str | None) -> tuple[str, VMSpec]:
         """The named VM, or the first one when no name is given."""
@@ -292,7 +360,7 @@ def _model_at(loc: tuple) -> type[BaseModel] | None:
     return model
 
 
-def _line_map(text: str) -> dict[tuple, int]:
+def _line_map(root: yaml.Node | None) -> dict[tuple, int]:
     """YAML path -> 1-based line, so errors can say where a value came from."""
     lines: dict[tuple, int] = {}
 
@@ -306,13 +374,150 @@ def _line_map(text: str) -> dict[tuple, int]:
             for i, v in enumerate(node.value):
                 walk(v, path + (i,))
 
-    try:
-        root = yaml.compose(text)
-    except yaml.YAMLError:
-        return lines
     if root is not None:
-        walk(root, ())
+        walk(root, ())       # bounded: parse_yaml refused cycles and alias bombs
     return lines
+
+
+class _Refused(Exception):
+    def __init__(self, mark, path: list[str], message: str):
+        self.line, self.message = mark.line + 1, message
+        self.path = ".".join(path) or "(top level)"
+        super().__init__(message)
+
+
+class _BoundedLoader(yaml.SafeLoader):
+    """SafeLoader that counts every value as it would be after alias expansion,
+    and refuses a cycle, a bomb or absurd nesting before anything is built."""
+
+    def __init__(self, text: str):
+        super().__init__(text)
+        self._sizes: dict[int, int] = {}    # id(node) -> expanded size
+        self._open: set[str] = set()        # anchors whose node is being composed
+        self._total = 0
+        self._path: list[str] = []
+
+    def _count(self, n: int, event) -> None:
+        self._total += n
+        if self._total > MAX_YAML_NODES:
+            raise _Refused(event.start_mark, self._path,
+                           f"expected at most {MAX_YAML_NODES} values after expanding "
+                           f"aliases, got more by alias *{event.anchor} (a YAML alias bomb?)"
+                           if isinstance(event, yaml.AliasEvent) else
+                           f"expected at most {MAX_YAML_NODES} values, got more")
+
+    def compose_node(self, parent, index):
+        part = (index.value if isinstance(index, yaml.ScalarNode)
+                else str(index) if isinstance(index, int) else None)
+        if part is not None:
+            self._path.append(str(part))
+        event = self.peek_event()
+        if isinstance(event, yaml.AliasEvent):
+            target = self.anchors.get(event.anchor)
+            if target is not None:          # an undefined alias: PyYAML says so
+                if event.anchor in self._open:
+                    raise _Refused(event.start_mark, self._path,
+                                   f"expected an alias to a finished node, got "
+                                   f"*{event.anchor} inside its own anchor (a cycle)")
+                self._count(self._sizes[id(target)], event)
+            node = super().compose_node(parent, index)
+        else:
+            if len(self._path) > MAX_YAML_DEPTH:
+                raise _Refused(event.start_mark, self._path[:3],
+                               f"expected at most {MAX_YAML_DEPTH} levels of nesting, "
+                               f"got more")
+            before = self._total
+            self._count(1, event)
+            if event.anchor is not None:
+                self._open.add(event.anchor)
+            node = super().compose_node(parent, index)
+            self._open.discard(event.anchor)
+            self._sizes[id(node)] = self._total - before
+        if part is not None:
+            self._path.pop()
+        return node
+
+
+def _duplicate_keys(root: yaml.Node, label: str) -> list[str]:
+    """PyYAML keeps the last of two equal keys; a lab file must not lose one."""
+    problems: list[str] = []
+    seen: set[int] = set()
+
+    def walk(node, path):
+        if id(node) in seen:
+            return
+        seen.add(id(node))
+        if isinstance(node, yaml.MappingNode):
+            first: dict[tuple, int] = {}
+            for k, v in node.value:
+                if isinstance(k, yaml.ScalarNode) and k.tag != "tag:yaml.org,2002:merge":
+                    line = k.start_mark.line + 1
+                    if (k.tag, k.value) in first:
+                        where = ".".join(path + (k.value,))
+                        problems.append(f"{label}:{line}: {where}: duplicate key "
+                                        f"{k.value!r} (first at line {first[k.tag, k.value]})")
+                    else:
+                        first[k.tag, k.value] = line
+                walk(v, path + (str(k.value),))
+        elif isinstance(node, yaml.SequenceNode):
+            for i, v in enumerate(node.value):
+                walk(v, path + (str(i),))
+
+    walk(root, ())
+    return problems
+
+
+def _yaml_problem(label: str, e: yaml.YAMLError) -> str:
+    mark = getattr(e, "problem_mark", None)
+    where = f"{label}:{mark.line + 1}" if mark is not None else label
+    what = " ".join(str(x) for x in (getattr(e, "context", None),
+                                     getattr(e, "problem", None)) if x) or str(e)
+    col = f" (column {mark.column + 1})" if mark is not None else ""
+    return f"{where}: not valid YAML: {' '.join(what.split())}{col}"
+
+
+def read_text(path: Path, label: str, what: str = "lab file") -> str:
+    """A file's text, or a ConfigError saying why it cannot be had."""
+    try:
+        with open(path, "rb") as f:
+            raw = f.read(MAX_FILE_BYTES + 1)
+    except OSError as e:
+        raise ConfigError([f"{label}: cannot read the {what}: {e.strerror}"]) from None
+    if len(raw) > MAX_FILE_BYTES:
+        raise ConfigError([f"{label}: expected a {what} of at most "
+                           f"{format_size(MAX_FILE_BYTES)}, got more"])
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise ConfigError([f"{label}: not UTF-8 text (byte 0x{raw[e.start]:02x} at "
+                           f"offset {e.start})"]) from None
+
+
+def parse_yaml(text: str, label: str) -> tuple[Any, dict[tuple, int]]:
+    """(data, YAML path -> line) from untrusted YAML text, with aliases bounded,
+    cycles and duplicate keys refused; every problem is a ConfigError."""
+    loader = _BoundedLoader(text)
+    try:
+        root = loader.get_single_node()
+        if root is None:
+            return None, {}
+        problems = _duplicate_keys(root, label)
+        if problems:
+            raise ConfigError(problems)
+        try:
+            data = loader.construct_document(root)
+        except yaml.YAMLError:
+            raise
+        except Exception as e:   # PyYAML's constructors raise anything on odd tags
+            raise ConfigError([f"{label}: not valid YAML: {type(e).__name__}: "
+                               f"{' '.join(str(e).split())}"]) from None
+        return data, _line_map(root)
+    except _Refused as e:
+        raise ConfigError([f"{label}:{e.line}: {e.path}: {e.message}"]) from None
+    except yaml.YAMLError as e:
+        raise ConfigError([_yaml_problem(label, e)]) from None
+    finally:
+        loader.dispose()
 
 
 # pydantic error type -> what was expected, in the lab's words
@@ -327,7 +532,7 @@ _EXPECTED = {
     "greater_than_equal": "a number of at least {ge}", "less_than_equal": "a number of at most {le}",
     "greater_than": "a number greater than {gt}", "less_than": "a number less than {lt}",
     "string_pattern_mismatch": "text matching {pattern}",
-    "path_type": "a file path",
+    "path_type": "a file path", "finite_number": "a finite number",
 }
 
 
@@ -352,7 +557,10 @@ def _describe(err: dict, label: str, lines: dict[tuple, int]) -> str:
     elif err["type"] == "literal_error":
         msg = f"expected {err['ctx']['expected']}, got {value!r}"
     elif err["type"] in _EXPECTED:
-        msg = f"expected {_EXPECTED[err['type']].format(**(err.get('ctx') or {}))}, got {value!r}"
+        # a float bound of 86400.0 reads better as 86400
+        ctx = {k: int(v) if isinstance(v, float) and v.is_integer() else v
+               for k, v in (err.get("ctx") or {}).items()}
+        msg = f"expected {_EXPECTED[err['type']].format(**ctx)}, got {value!r}"
     else:
         msg = f"{err['msg'][0].lower()}{err['msg'][1:]}, got {value!r}"
     path = ".".join(str(p) for p in loc) or "(top level)"
@@ -366,24 +574,17 @@ def _describe(err: dict, label: str, lines: dict[tuple, int]) -> str:
 def load_lab(path: str | os.PathLike | None = None) -> Lab:
     """Read and validate a lab file; raises ConfigError listing every problem."""
     path = Path(path or os.environ.get("UFFDLAB_LAB") or "lab.yml")
-    label = str(path)
-    try:
-        text = path.read_text()
-    except OSError as e:
-        raise ConfigError([f"{label}: cannot read the lab file: {e.strerror}"]) from None
-    try:
-        data = yaml.safe_load(text)
-    except yaml.YAMLError as e:
-        mark = getattr(e, "problem_mark", None)
-        where = f"{label}:{mark.line + 1}" if mark is not None else label
-        what = " ".join(str(x) for x in (getattr(e, "context", None),
-                                         getattr(e, "problem", None)) if x) or str(e)
-        col = f" (column {mark.column + 1})" if mark is not None else ""
-        raise ConfigError([f"{where}: not valid YAML: {' '.join(what.split())}{col}"]) from None
-    return lab_from_dict(data, source=path, text=text)
+    data, lines = parse_yaml(read_text(path, str(path)), str(path))
+    return _validate(data, path, lines)
 
 
 def lab_from_dict(data: Any, source: Path = Path("lab.yml"), text: str = "") -> Lab:
+    """Validate already-parsed data; `text`, when given, supplies line numbers."""
+    lines = parse_yaml(text, str(source))[1] if text else {}
+    return _validate(data, source, lines)
+
+
+def _validate(data: Any, source: Path, lines: dict[tuple, int]) -> Lab:
     label = str(source)
     if data is None:
         raise ConfigError([f"{label}: expected a mapping of lab settings "
@@ -395,9 +596,8 @@ def lab_from_dict(data: Any, source: Path = Path("lab.yml"), text: str = "") -> 
     if "source" in data:
         raise ConfigError([f"{label}: source: unknown key 'source'"])
     try:
-        return Lab.model_validate({**data, "source": source})
+        lab = Lab.model_validate({**data, "source": source})
     except ValidationError as e:
-        lines = _line_map(text)
         problems = [_describe(err, label, lines) for err in e.errors()]
         # a VM naming a missing image is checked only once every field is valid;
         # say it now too, so one run lists every problem
@@ -407,11 +607,37 @@ def lab_from_dict(data: Any, source: Path = Path("lab.yml"), text: str = "") -> 
             if msg not in problems:
                 problems.append(msg)
         raise ConfigError(problems) from None
+    lab._lines = lines
+    return lab
 
 
 def _short(value: Any, limit: int = 60) -> str:
     text = repr(value)
     return text if len(text) <= limit else text[:limit - 3] + "..."
+
+
+def check_cache_dir(lab: Lab) -> Path:
+    """The cache directory, or a ConfigError saying why it cannot be one. Called
+    when a command first needs the cache, not at load (`results` never does)."""
+    path = lab.cache_path
+    probe = path
+    try:
+        while not probe.exists() and not probe.is_symlink() and probe != probe.parent:
+            probe = probe.parent
+        why = ""
+        if probe == path and not path.is_dir():
+            why = "it is not a directory"
+        elif probe != path and not probe.is_dir():
+            why = f"'{probe}' is not a directory"
+        elif not os.access(probe, os.W_OK | os.X_OK):
+            why = ("it is not writable" if probe == path else
+                   f"it does not exist and '{probe}' is not writable")
+    except OSError as e:                    # e.g. a parent this user cannot search
+        why = f"'{e.filename or probe}': {e.strerror}"
+    if why:
+        raise ConfigError([lab.problem(("cache_dir",), f"expected a writable directory, "
+                                       f"got '{path}' ({why})")])
+    return path
 
 
 def option_help() -> list[tuple[str, str, str]]:

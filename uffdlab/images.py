@@ -19,7 +19,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from .config import ConfigError, ImageSpec, Lab, format_size
+from .config import ConfigError, ImageSpec, Lab, check_cache_dir, format_size
 from .events import Emitter, Listener
 from .keys import LabKeys
 
@@ -76,6 +76,16 @@ class Image:
         return self.meta["kernel_release"]
 
 
+def is_bzimage(path: Path) -> bool:
+    """Whether the file carries the x86 boot protocol's header magic."""
+    try:
+        with open(path, "rb") as f:
+            f.seek(0x202)
+            return f.read(4) == b"HdrS"
+    except OSError:
+        return False
+
+
 def bzimage_release(path: Path) -> str | None:
     """The release string a bzImage carries in its setup header."""
     try:
@@ -111,11 +121,24 @@ def recipe_key(rec: dict) -> str:
     return hashlib.sha256(blob).hexdigest()[:16]
 
 
+# mmdebstrap runs a hook as `env MMDEBSTRAP_... sh -c HOOK exec ROOT`, so the
+# caller's environment reaches it: paths travel as variables, so the hook text is a constant
+# and no path is ever parsed by a shell.
+CUSTOMIZE_HOOK = ('sh "$UFFDLAB_CUSTOMIZE" "$1" "$UFFDLAB_OUT" "$UFFDLAB_LAB_PUBKEY" '
+                  '"$UFFDLAB_HOSTKEY" "$UFFDLAB_DISK_SIZE"')
+
+
+def mmdebstrap_env(rec: dict, out: Path, lab_pubkey: Path, hostkey: Path) -> dict[str, str]:
+    """The variables CUSTOMIZE_HOOK reads, to add to mmdebstrap's environment."""
+    return {"UFFDLAB_CUSTOMIZE": str(CUSTOMIZE), "UFFDLAB_OUT": str(out),
+            "UFFDLAB_LAB_PUBKEY": str(lab_pubkey), "UFFDLAB_HOSTKEY": str(hostkey),
+            "UFFDLAB_DISK_SIZE": f'{int(rec["disk_size"]) // (1 << 20)}M'}
+
+
 def mmdebstrap_argv(rec: dict, out: Path, lab_pubkey: Path, hostkey: Path) -> list[str]:
     """The whole build is one mmdebstrap call; no mirror is named, so it uses
-    Debian's default."""
-    hook = (f'sh {CUSTOMIZE} "$1" {out} {lab_pubkey} {hostkey} '
-            f'{rec["disk_size"] // (1 << 20)}M')
+    Debian's default. Run it with mmdebstrap_env() added to the environment."""
+    hook = CUSTOMIZE_HOOK
     argv = ["mmdebstrap", "--variant=apt", "--mode=auto", "--format=null",
             "--include=" + ",".join(rec["packages"] + [rec["kernel_package"]])]
     argv += [f"--dpkgopt={o}" for o in rec["dpkg_opts"]]
@@ -128,6 +151,7 @@ class ImageStore:
 
     def __init__(self, lab: Lab, listener: Listener | None = None):
         self.lab = lab
+        check_cache_dir(lab)               # a clear error before anything writes there
         self.root = lab.cache_path / "images"
         self.keys = LabKeys(lab.cache_path / "keys")
         self.listener = listener
@@ -141,8 +165,14 @@ class ImageStore:
             initrd = self.lab.kernel_path(spec.kernel.initrd) if spec.kernel.initrd else None
             for field, p in (("vmlinuz", vmlinuz), ("initrd", initrd)):
                 if p is not None and not p.is_file():
-                    raise ConfigError([f"{self.lab.source}: images.{name}.kernel.{field}: "
-                                       f"expected an existing file, got '{p}'"])
+                    raise ConfigError([self.lab.problem(
+                        ("images", name, "kernel", field), f"expected an existing file, "
+                        f"got '{p}'")])
+            if not is_bzimage(vmlinuz):
+                raise ConfigError([self.lab.problem(
+                    ("images", name, "kernel", "vmlinuz"),
+                    f"expected an x86 bzImage (arch/x86/boot/bzImage: no 'HdrS' "
+                    f"at offset 0x202), got '{vmlinuz}'")])
         else:
             vmlinuz, initrd = d / "vmlinuz", d / "initrd.img"
         return Image(name, spec, key, d, vmlinuz, initrd, spec.kernel.cmdline)
@@ -172,8 +202,10 @@ class ImageStore:
             _run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-C",
                   f"uffdlab-{img.name}", "-f", str(hostkey)], "ssh-keygen")
             argv = mmdebstrap_argv(rec, scratch, self.keys.public_path, hostkey)
+            env = {**os.environ,
+                   **mmdebstrap_env(rec, scratch, self.keys.public_path, hostkey)}
             ev.emit("building", f"mmdebstrap {rec['suite']} with {rec['kernel_package']}")
-            self._mmdebstrap(argv, scratch / "build.log", ev)
+            self._mmdebstrap(argv, scratch / "build.log", ev, env)
             ev.emit("building", "converting to qcow2")
             _run(["qemu-img", "convert", "-O", "qcow2", str(scratch / "rootfs.raw"),
                   str(scratch / "base.qcow2")], "qemu-img convert")
@@ -199,12 +231,14 @@ class ImageStore:
                 f"{meta['kernel_release']}, {format_size_mb(meta['size'])}",
                 seconds=meta["build_seconds"])
 
-    def _mmdebstrap(self, argv: list[str], log: Path, ev: Emitter) -> None:
+    def _mmdebstrap(self, argv: list[str], log: Path, ev: Emitter,
+                    env: dict[str, str] | None = None) -> None:
         if shutil.which("mmdebstrap") is None:
             raise ImageError("mmdebstrap is not installed (apt-get install mmdebstrap); "
                              "run 'uffdlab doctor'")
         with open(log, "w") as logf:
-            proc = subprocess.Popen(argv, stdout=logf, stderr=subprocess.PIPE, text=True)
+            proc = subprocess.Popen(argv, stdout=logf, stderr=subprocess.PIPE, text=True,
+                                    env=env)
             try:
                 tail: list[str] = []
                 for line in proc.stderr:

@@ -10,6 +10,8 @@ import fcntl
 import hashlib
 import json
 import os
+import re
+import shutil
 import subprocess
 import sys
 import tarfile
@@ -18,6 +20,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from .owned import ProcessId
 from .vm import VM, VMError
 
 REPO = Path(__file__).resolve().parent.parent
@@ -104,8 +107,12 @@ def provision(vm: VM, playbook: str = "provision.yml") -> ProvisionResult:
     vm.emit("provisioning", f"{playbook} on {vm.name}")
     _wait_for_sshd(vm)
     events = _EventCollector(vm)
-    # A short private path: ssh control sockets must fit in 108 bytes.
-    with tempfile.TemporaryDirectory(prefix="uffdlab-ans-") as tmp:
+    # A short private path: ssh control sockets must fit in 108 bytes. Its
+    # name carries this process's identity, so a later provisioning can
+    # remove it if this process is killed before it can.
+    reap_scratch_dirs()
+    me = ProcessId.of(os.getpid(), "")
+    with tempfile.TemporaryDirectory(prefix=f"{SCRATCH_PREFIX}{me.pid}.{me.start}-") as tmp:
         tmp = Path(tmp)
         tarball = sources_tarball(tmp / "guest-tools.tar")
         (tmp / "cp").mkdir()
@@ -141,6 +148,21 @@ def provision(vm: VM, playbook: str = "provision.yml") -> ProvisionResult:
     vm.emit("provisioning", f"done in {res.seconds} s: {res.ok} ok, {res.changed} changed",
             changed=res.changed, seconds=res.seconds)
     return res
+
+
+SCRATCH_PREFIX = "uffdlab-ans-"
+
+
+def reap_scratch_dirs() -> list[Path]:
+    """Remove the scratch directories of provisioners that were killed
+    (their PID and start time no longer name a live process)."""
+    gone = []
+    for d in Path(tempfile.gettempdir()).glob(f"{SCRATCH_PREFIX}*"):
+        m = re.fullmatch(re.escape(SCRATCH_PREFIX) + r"(\d+)\.(\d+)-\w+", d.name)
+        if m and d.is_dir() and not ProcessId(int(m[1]), int(m[2]), "").alive():
+            shutil.rmtree(d, ignore_errors=True)
+            gone.append(d)
+    return gone
 
 
 def _wait_for_sshd(vm: VM, seconds: float = 120) -> None:

@@ -9,6 +9,12 @@ QEMU = "qemu-system-x86_64"
 GUEST_CMDLINE = "root=/dev/vda rw console=ttyS0 net.ifnames=0 panic=-1"
 
 
+def opt_value(value: object) -> str:
+    """A value inside QEMU's key=value,key=value option syntax: a literal comma
+    is written ',,' (else `x,file=/etc/passwd` would add a second key)."""
+    return str(value).replace(",", ",,")
+
+
 @dataclass(frozen=True)
 class QemuCommand:
     """Everything that decides how one VM boots."""
@@ -37,7 +43,7 @@ class QemuCommand:
         return " ".join(p for p in (GUEST_CMDLINE, self.cmdline) if p)
 
     def argv(self) -> list[str]:
-        args = [QEMU, "-name", f"uffdlab-{self.name}", "-machine", "q35",
+        args = [QEMU, "-name", opt_value(f"uffdlab-{self.name}"), "-machine", "q35",
                 *self.accel_args(), "-smp", str(self.cpus), "-m", f"{self.memory_mb}M",
                 "-nodefaults", "-display", "none", "-no-reboot",
                 "-kernel", str(self.vmlinuz)]
@@ -45,13 +51,15 @@ class QemuCommand:
             args += ["-initrd", str(self.initrd)]
         args += ["-append", self.kernel_cmdline(),
                  # cache=unsafe: the overlay is thrown away, so flushes buy nothing
-                 "-drive", f"file={self.disk},if=virtio,format=qcow2,cache=unsafe,discard=unmap",
+                 "-drive", f"file={opt_value(self.disk)},if=virtio,format=qcow2,"
+                           "cache=unsafe,discard=unmap",
                  "-netdev", f"user,id=net0,hostfwd=tcp:127.0.0.1:{self.ssh_port}-:22",
                  "-device", "virtio-net-pci,netdev=net0",
                  "-device", "virtio-rng-pci",     # sshd and the CRNG need entropy now
+                 # `file:` takes the rest verbatim (checked with QEMU 7.2): no escaping
                  "-serial", f"file:{self.serial_log}"]
         if self.qmp_socket is not None:
-            args += ["-qmp", f"unix:{self.qmp_socket},server=on,wait=off"]
+            args += ["-qmp", f"unix:{opt_value(self.qmp_socket)},server=on,wait=off"]
         return args + list(self.extra)
 
     def shell(self) -> str:

@@ -24,19 +24,44 @@ database upgrades it in place, in one transaction.
 A run id is stored once: storing the same run id again raises
 `DuplicateRunError`, unless `store(result, replace=True)` is asked for, which
 replaces the whole run (all its rows) in the same single transaction.
+
+Opening for writing refuses a SQLite file that is not a results database (other
+tables, or an unknown `user_version`) before changing anything in it; a missing
+or empty file becomes a new results database. `ResultsDB(path, readonly=True)`
+(used by `uffdlab results` and `load()`) opens the file with a `mode=ro` URI:
+it never creates the file or its directory, never switches the journal mode
+and never migrates (an older schema is read as it is, missing columns as NULL).
+
+A busy database is waited for `BUSY_TIMEOUT_S` seconds, then reported as
+`DatabaseLockedError` naming the file. A row whose params/summary/config JSON
+is unreadable is still listed: that field becomes `{"_unreadable": ...}` and
+the row gets `unreadable` {field: problem}.
+
+The spool: `store_run(db_path, result)` never loses a finished run. When the
+database cannot take it (locked, disk full, unusable) the run is written
+atomically as JSON to `<db dir>/spool/<run_id>.json`, and `import_spool(db)`
+(run by the next successful `store_run` and by `uffdlab results`) stores
+spooled runs, deleting each file only once its run is committed (or already
+in the database). A spool file that cannot be read is left in place and
+reported. If the spool cannot be written either, `RunNotStoredError` says so.
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import os
+import re
 import sqlite3
 import sys
+import tempfile
 import threading
 import time
-from dataclasses import asdict, dataclass, is_dataclass
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass, field, is_dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Iterable, Mapping
+from typing import TYPE_CHECKING, Any, Iterable, Iterator, Mapping
+from urllib.parse import quote
 
 if TYPE_CHECKING:                      # runner pulls in SSH/Ansible; keep load() light
     import pandas as pd
@@ -45,6 +70,13 @@ if TYPE_CHECKING:                      # runner pulls in SSH/Ansible; keep load(
     from .runner import RunResult
 
 STATUSES = ("ok", "inconsistent", "failed", "timeout")
+
+# How long to wait for a database another process holds before giving up (read
+# at open time, so tests can shorten it).
+BUSY_TIMEOUT_S = 10.0
+SPOOL_DIR = "spool"                    # next to the database file
+_SPOOL_FORMAT = "uffdlab-spooled-run"
+_INT64_MAX = 2**63 - 1                 # SQLite's largest integer (LIMIT)
 
 # Test hook (the atomicity test): with UFFDLAB_TEST_STORE_PAUSE=runs (or
 # =logs) store() announces itself on stderr and sleeps inside its transaction
@@ -63,6 +95,26 @@ class DuplicateRunError(ResultsError):
 
 class RunNotFoundError(ResultsError, LookupError):
     """get() of a run id (or prefix) that matches no run."""
+
+
+class NoResultsDatabaseError(ResultsError, FileNotFoundError):
+    """A read-only open of a database that does not exist yet (or is empty)."""
+
+
+class NotResultsDatabaseError(ResultsError):
+    """A file that is not a uffd-lab results database (left untouched)."""
+
+
+class DatabaseLockedError(ResultsError):
+    """Another process held the database longer than BUSY_TIMEOUT_S."""
+
+
+class RunNotStoredError(ResultsError):
+    """store_run() could neither store nor spool a run; `.result` still holds it."""
+
+    def __init__(self, message: str, result: Any = None):
+        super().__init__(message)
+        self.result = result
 
 
 # -- schema -------------------------------------------------------------------
@@ -167,6 +219,9 @@ _RUN_FIELDS = ("run_id", "started", "lab", "vm", "image", "image_key", "kernel",
                *METRICS, "summary", "config")
 # What runs() returns: everything in `runs` but the bulky JSON records.
 _LIST_FIELDS = tuple(f for f in _RUN_FIELDS if f not in ("summary", "config"))
+_TABLES = ("runs", "latency_hist", "faults", "mismatches", "logs")
+# The `runs` columns a database at schema v1 must have (v2 adds _V2_METRICS).
+_V1_COLUMNS = frozenset(f for f in _RUN_FIELDS if f not in _V2_METRICS)
 
 
 # -- helpers ------------------------------------------------------------------
@@ -283,36 +338,129 @@ def _bool_or_none(v: Any) -> bool | None:
     return None if v is None else bool(v)
 
 
+def _decode_json(name: str, raw: Any) -> tuple[Any, str | None]:
+    """A stored JSON object (params, summary, config) and, when it cannot be
+    read, a note: the value is then {"_unreadable": note}."""
+    if raw is None:
+        return ({} if name == "params" else None), None
+    try:
+        value = json.loads(raw)
+    except (TypeError, ValueError) as e:
+        problem = f"invalid JSON ({e})"
+    else:
+        if isinstance(value, dict):
+            return value, None
+        if value is None:
+            return ({} if name == "params" else None), None
+        problem = f"expected a JSON object, got {type(value).__name__}"
+    text = raw if isinstance(raw, str) else repr(raw)
+    problem += f": {text[:60]!r}{'...' if len(text) > 60 else ''}"
+    return {"_unreadable": problem}, problem
+
+
 # -- the database -------------------------------------------------------------
 
 class ResultsDB:
-    """The results database at `path` (created, with its parent directories,
-    when missing; upgraded in place when its schema is older)."""
+    """The results database at `path`.
 
-    def __init__(self, path: str | os.PathLike):
+    For writing (the default) it is created, with its parent directories, when
+    missing, and upgraded in place when its schema is older. `readonly=True`
+    only reads: see the module docstring. `timeout`: seconds to wait for a
+    database another process holds (BUSY_TIMEOUT_S by default).
+    """
+
+    def __init__(self, path: str | os.PathLike, *, readonly: bool = False,
+                 timeout: float | None = None):
         self.path = Path(path).expanduser()
-        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self.readonly = readonly
+        self.timeout = BUSY_TIMEOUT_S if timeout is None else float(timeout)
         self._lock = threading.RLock()
+        if readonly:
+            if not self.path.exists():
+                raise NoResultsDatabaseError(f"no results database at {self.path} yet "
+                                             f"(no run stored)")
+            if not self.path.is_file():
+                raise NotResultsDatabaseError(f"{self.path}: not a results database "
+                                              f"(not a file)")
+            target, uri = f"file:{quote(str(self.path.absolute()))}?mode=ro", True
+        else:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            target, uri = str(self.path), False
         try:
-            self._conn = sqlite3.connect(self.path, timeout=30.0, isolation_level=None,
-                                         check_same_thread=False)
+            self._conn = sqlite3.connect(target, timeout=self.timeout, isolation_level=None,
+                                         check_same_thread=False, uri=uri)
         except sqlite3.Error as e:
             raise ResultsError(f"{self.path}: cannot open the results database: {e}") from e
         self._conn.row_factory = sqlite3.Row
         try:
-            mode = self._conn.execute("PRAGMA journal_mode=WAL").fetchone()[0]
-            if mode.lower() != "wal":
-                raise ResultsError(f"{self.path}: cannot switch the results database to WAL "
-                                   f"mode (journal mode is {mode})")
-            self._conn.execute("PRAGMA synchronous=FULL")
-            self._conn.execute("PRAGMA foreign_keys=ON")
-            self._migrate()
+            with self._guard():
+                version = self._inspect()
+                if readonly:
+                    if version == 0:
+                        raise NoResultsDatabaseError(f"no results database at {self.path} "
+                                                     f"yet (an empty file, no run stored)")
+                else:
+                    mode = self._conn.execute("PRAGMA journal_mode=WAL").fetchone()[0]
+                    if mode.lower() != "wal":
+                        raise ResultsError(f"{self.path}: cannot switch the results database "
+                                           f"to WAL mode (journal mode is {mode})")
+                    self._conn.execute("PRAGMA synchronous=FULL")
+                    self._conn.execute("PRAGMA foreign_keys=ON")
+                    self._migrate()
+                # A read-only v1 database lacks the v2 columns: they read as NULL.
+                self._columns = {r[1] for r in self._conn.execute("PRAGMA table_info(runs)")}
         except sqlite3.DatabaseError as e:
             self._conn.close()
-            raise ResultsError(f"{self.path}: not a usable results database: {e}") from e
+            raise NotResultsDatabaseError(f"{self.path}: not a usable results database: "
+                                          f"{e}") from e
         except BaseException:
             self._conn.close()
             raise
+
+    @contextmanager
+    def _guard(self) -> Iterator[None]:
+        """SQLite's 'database is locked' as a DatabaseLockedError naming the file."""
+        try:
+            yield
+        except sqlite3.OperationalError as e:
+            code = getattr(e, "sqlite_errorcode", None)
+            if (code is not None and code & 0xFF in (sqlite3.SQLITE_BUSY, sqlite3.SQLITE_LOCKED)) \
+                    or "database is locked" in str(e):
+                raise DatabaseLockedError(
+                    f"{self.path}: another process holds the results database (gave up "
+                    f"after {self.timeout:g} s); let that run or notebook finish, or stop "
+                    f"it, then retry") from e
+            raise
+
+    def _foreign(self, what: str) -> NotResultsDatabaseError:
+        return NotResultsDatabaseError(
+            f"{self.path}: not a uffd-lab results database ({what}); left unchanged: "
+            f"point `results:` in lab.yml at another file")
+
+    def _inspect(self) -> int:
+        """The file's schema version, after checking (reads only) that it is
+        ours: 0 for an empty file, else a `runs` table and the other tables of
+        its version."""
+        conn = self._conn
+        version = conn.execute("PRAGMA user_version").fetchone()[0]
+        names = {r[0] for r in conn.execute("SELECT name FROM sqlite_master")}
+        tables = {r[0] for r in conn.execute("SELECT name FROM sqlite_master WHERE "
+                                             "type = 'table' AND name NOT LIKE 'sqlite%'")}
+        if not names and version == 0:
+            return 0
+        if not tables or "runs" in tables and version > 0:
+            self._check_version_value(version)     # a newer uffdlab's database
+        if "runs" not in tables or version == 0:
+            shown = ", ".join(sorted(tables)[:5]) + (", ..." if len(tables) > 5 else "")
+            raise self._foreign(f"tables: {shown or 'none'}; user_version {version}")
+        missing = [t for t in _TABLES if t not in tables]
+        columns = {r[1] for r in conn.execute("PRAGMA table_info(runs)")}
+        need = _V1_COLUMNS if version < 2 else frozenset(_RUN_FIELDS)
+        missing += sorted(f"runs.{c}" for c in need - columns)
+        if missing:
+            raise self._foreign(f"schema v{version} without {', '.join(missing[:5])}"
+                                f"{', ...' if len(missing) > 5 else ''}")
+        return version
 
     # -- schema --
     @property
@@ -341,11 +489,21 @@ class ResultsDB:
             raise
 
     def _check_version(self) -> int:
-        v = self.schema_version
+        return self._check_version_value(self.schema_version)
+
+    def _check_version_value(self, v: int) -> int:
         if v > SCHEMA_VERSION:
             raise ResultsError(f"{self.path}: results database schema v{v} is newer than "
                                f"this uffdlab understands (v{SCHEMA_VERSION}); upgrade uffdlab")
         return v
+
+    def _select_list(self, fields: Iterable[str]) -> str:
+        return ", ".join(f if f in self._columns else f"NULL AS {f}" for f in fields)
+
+    def has_run(self, run_id: str) -> bool:
+        with self._lock, self._guard():
+            return self._conn.execute("SELECT 1 FROM runs WHERE run_id = ?",
+                                      (run_id,)).fetchone() is not None
 
     # -- writing --
     def store(self, result: "RunResult | Mapping[str, Any]", *, replace: bool = False) -> str:
@@ -356,9 +514,11 @@ class ResultsDB:
         """
         run, latency, faults, mism, logs = _rows_for(_as_fields(result))
         run_id = run["run_id"]
+        if self.readonly:
+            raise ResultsError(f"{self.path}: opened read-only; cannot store run {run_id}")
         cols = ", ".join(run)
         marks = ", ".join(f":{c}" for c in run)
-        with self._lock:
+        with self._lock, self._guard():
             conn = self._conn
             conn.execute("BEGIN IMMEDIATE")
             try:
@@ -410,8 +570,9 @@ class ResultsDB:
     def _limit(last: int | None) -> tuple[str, list]:
         if last is None:
             return "", []
-        if isinstance(last, bool) or not isinstance(last, int) or last <= 0:
-            raise ValueError(f"last: expected a positive number of runs, got {last!r}")
+        if isinstance(last, bool) or not isinstance(last, int) or not 0 < last <= _INT64_MAX:
+            raise ValueError(f"last: expected a positive number of runs (1 to {_INT64_MAX}), "
+                             f"got {last!r}")
         return " LIMIT ?", [last]
 
     def _select_ids(self, last, scenario, status, vm) -> tuple[str, list]:
@@ -430,18 +591,23 @@ class ResultsDB:
         get()), with `params` decoded and the consistency columns as bools.
         """
         ids, args = self._select_ids(last, scenario, status, vm)
-        with self._lock:
+        with self._lock, self._guard():
             rows = self._conn.execute(
-                f"SELECT {', '.join(_LIST_FIELDS)} FROM runs WHERE run_id IN ({ids}) "
+                f"SELECT {self._select_list(_LIST_FIELDS)} FROM runs WHERE run_id IN ({ids}) "
                 f"ORDER BY started, rowid", args).fetchall()
         return [self._decode(r) for r in rows]
 
     @staticmethod
     def _decode(row: sqlite3.Row) -> dict:
         d = dict(row)
+        unreadable = {}
         for k in ("params", "summary", "config"):
             if k in d:
-                d[k] = json.loads(d[k]) if d[k] is not None else ({} if k == "params" else None)
+                d[k], problem = _decode_json(k, d[k])
+                if problem:
+                    unreadable[k] = problem
+        if unreadable:                 # one bad row must not hide the others
+            d["unreadable"] = unreadable
         for k in ("expect_consistent", "consistent"):
             d[k] = _bool_or_none(d.get(k))
         return d
@@ -467,9 +633,10 @@ class ResultsDB:
         The `runs` columns with params/summary/config decoded, plus
         `latency_hist` [{bound_us, count}], `faults_per_process` [int],
         `mismatches_by_cause` {cause: pages}, and `jsonl`, `stderr`,
-        `serial_log` from `logs`.
+        `serial_log` from `logs`. A JSON field that cannot be read is
+        {"_unreadable": note}, and `unreadable` maps it to the note.
         """
-        with self._lock:
+        with self._lock, self._guard():
             conn = self._conn
             conn.execute("BEGIN")                # one consistent snapshot
             try:
@@ -515,6 +682,210 @@ class ResultsDB:
         return f"ResultsDB({str(self.path)!r})"
 
 
+# -- store_run and the spool --------------------------------------------------
+
+@dataclass
+class StoreOutcome:
+    """Where store_run() put a run: in the database (`stored`), or in the
+    spool file `spooled_to`; `message` says which and why, in one line."""
+
+    run_id: str
+    stored: bool
+    spooled_to: Path | None
+    message: str
+    # Spooled runs the same call imported, and spool files it could not.
+    imported: list[str] = field(default_factory=list)
+    spool_problems: list[str] = field(default_factory=list)
+
+
+@dataclass
+class SpoolReport:
+    """What import_spool() did."""
+
+    imported: list[str] = field(default_factory=list)   # run ids now stored
+    dropped: list[str] = field(default_factory=list)    # already stored: file removed
+    problems: list[str] = field(default_factory=list)   # one line per file left in place
+
+
+def spool_dir(db_path: str | os.PathLike) -> Path:
+    return Path(db_path).expanduser().parent / SPOOL_DIR
+
+
+def spooled_files(db_path: str | os.PathLike) -> list[Path]:
+    """Spool files waiting next to the database at `db_path` (oldest name first)."""
+    d = spool_dir(db_path)
+    try:
+        return sorted(p for p in d.glob("*.json") if not p.name.startswith("."))
+    except OSError:
+        return []
+
+
+def _spool_name(run_id: str) -> str:
+    safe = re.sub(r"[^A-Za-z0-9_-]", "_", run_id)[:80]
+    if safe != run_id:                 # keep two odd ids from sharing a file
+        safe += "-" + hashlib.sha256(run_id.encode()).hexdigest()[:8]
+    return safe + ".json"
+
+
+def _fsync_dir(d: Path) -> None:
+    fd = os.open(d, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _write_atomic(path: Path, text: str) -> None:
+    """tmp + fsync + rename + fsync of the directory: the file is whole or absent."""
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    _fsync_dir(path.parent)
+
+
+def spool_run(db_path: str | os.PathLike, result: Any, reason: str = "") -> Path:
+    """Write one run (validated as for store()) to the spool; returns the file."""
+    fields = _as_fields(result)
+    _rows_for(fields)
+    d = spool_dir(db_path)
+    d.mkdir(parents=True, exist_ok=True)
+    path = d / _spool_name(fields["run_id"])
+    doc = {"format": _SPOOL_FORMAT, "version": 1, "db": str(db_path), "reason": reason,
+           "spooled_at": time.time(), "run": _clean(fields)}
+    _write_atomic(path, json.dumps(doc, allow_nan=False, default=str))
+    return path
+
+
+def _read_spooled(path: Path) -> dict[str, Any]:
+    """The run in a spool file; ValueError (the reason) when it is unusable."""
+    try:
+        doc = json.loads(path.read_text(encoding="utf-8"))
+    except UnicodeDecodeError as e:
+        raise ValueError(f"not UTF-8 text ({e})") from e
+    except json.JSONDecodeError as e:
+        raise ValueError(f"invalid JSON ({e})") from e
+    if not isinstance(doc, dict) or doc.get("format") != _SPOOL_FORMAT \
+            or not isinstance(doc.get("run"), dict):
+        raise ValueError(f"not a spooled run (expected a {_SPOOL_FORMAT} record)")
+    _rows_for(doc["run"])              # a field that store() would refuse
+    return doc["run"]
+
+
+def _reason(e: BaseException) -> str:
+    return str(e) if isinstance(e, ResultsError) else f"{type(e).__name__}: {e}"
+
+
+def import_spool(db: ResultsDB) -> SpoolReport:
+    """Store the runs spooled next to `db` (opened for writing). A file is
+    removed only after its run is committed, or when the database already
+    has that run; an unreadable file is left in place and reported; when the
+    database itself fails, the remaining files wait for the next time."""
+    report = SpoolReport()
+    files = spooled_files(db.path)
+    for i, path in enumerate(files):
+        try:
+            fields = _read_spooled(path)
+        except FileNotFoundError:
+            continue                     # another process imported it meanwhile
+        except (OSError, ValueError) as e:
+            report.problems.append(f"{path}: cannot be imported: {e}; left in place")
+            continue
+        run_id = fields["run_id"]
+        try:
+            if db.has_run(run_id):
+                report.dropped.append(run_id)
+            else:
+                db.store(fields)
+                report.imported.append(run_id)
+        except DuplicateRunError:         # stored by a concurrent import
+            report.dropped.append(run_id)
+        except Exception as e:            # the database fails: try again next time
+            left = len(files) - i
+            report.problems.append(f"{path}: not imported yet ({_reason(e)}); {left} "
+                                   f"spooled run{'s' if left > 1 else ''} left for later")
+            break
+        path.unlink(missing_ok=True)
+    return report
+
+
+def store_run(db_path: Path, result: Any) -> StoreOutcome:
+    """Store a finished run in the database at `db_path`, or, when the
+    database cannot take it, in the spool next to it; then import what an
+    earlier call spooled. Raises ValueError for a malformed run,
+    DuplicateRunError for a run id already stored, and RunNotStoredError
+    when the spool cannot be written either.
+
+    The run is spooled before the database is touched and the spool file
+    removed once the run is committed, so even a SIGKILL mid-store leaves
+    the run in one place or the other."""
+    fields = _as_fields(result)
+    _rows_for(fields)                  # a malformed run is the caller's bug, not a spool case
+    run_id = fields["run_id"]
+    db_path = Path(db_path).expanduser()
+    try:
+        ahead: Path | None = spool_run(db_path, fields, "stored next (write-ahead copy)")
+    except Exception:
+        ahead = None                   # the database may still take it
+    try:
+        db = ResultsDB(db_path)
+    except Exception as e:
+        return _spool_or_raise(db_path, fields, result, e, ahead)
+    with db:
+        try:
+            db.store(fields)
+        except DuplicateRunError:
+            if ahead is None or ahead.exists():   # else: another process imported our copy
+                _drop_ahead(ahead)
+                raise
+        except Exception as e:
+            return _spool_or_raise(db_path, fields, result, e, ahead)
+        _drop_ahead(ahead)
+        outcome = StoreOutcome(run_id, True, None, f"run {run_id} stored in {db_path}")
+        try:
+            report = import_spool(db)
+        except Exception as e:            # the run is stored; the spool waits
+            report = SpoolReport(problems=[f"{spool_dir(db_path)}: not imported: "
+                                           f"{_reason(e)}"])
+    outcome.imported = report.imported
+    outcome.spool_problems = report.problems
+    if report.imported:
+        outcome.message += f"; imported {len(report.imported)} spooled run(s)"
+    return outcome
+
+
+def _drop_ahead(ahead: Path | None) -> None:
+    """Remove a write-ahead copy once the database has the run (and the
+    spool directory, if that leaves it empty)."""
+    if ahead is None:
+        return
+    ahead.unlink(missing_ok=True)
+    try:
+        ahead.parent.rmdir()
+    except OSError:
+        pass                            # other spooled runs wait there
+
+
+def _spool_or_raise(db_path: Path, fields: dict, result: Any,
+                    error: BaseException, ahead: Path | None = None) -> StoreOutcome:
+    reason = _reason(error)
+    try:
+        path = spool_run(db_path, fields, reason)
+    except Exception as e:
+        raise RunNotStoredError(
+            f"run {fields['run_id']} could not be stored nor spooled: storing in {db_path}: "
+            f"{reason}; spooling to {spool_dir(db_path)}: {_reason(e)}", result) from error
+    return StoreOutcome(fields["run_id"], False, path,
+                        f"run {fields['run_id']} spooled to {path} ({reason}); the next "
+                        f"store or `uffdlab results` imports it")
+
+
 # -- pandas -------------------------------------------------------------------
 
 @dataclass
@@ -551,17 +922,15 @@ def load(source: "str | os.PathLike | Lab", last: int | None = None,
     import pandas as pd
 
     path = _path_of(source)
-    if not path.is_file():
-        raise FileNotFoundError(f"{path}: no results database (no run stored yet?)")
-    with ResultsDB(path) as db:
+    with ResultsDB(path, readonly=True) as db:   # NoResultsDatabaseError if missing
         ids, args = db._select_ids(last, scenario, status, vm)
         conn = db._conn
-        with db._lock:
+        with db._lock, db._guard():
             conn.execute("BEGIN")                # all frames from one snapshot
             try:
                 runs = pd.read_sql_query(
-                    f"SELECT {', '.join(_LIST_FIELDS)} FROM runs WHERE run_id IN ({ids}) "
-                    f"ORDER BY started, rowid", conn, params=args)
+                    f"SELECT {db._select_list(_LIST_FIELDS)} FROM runs "
+                    f"WHERE run_id IN ({ids}) ORDER BY started, rowid", conn, params=args)
 
                 def child(table: str, cols: str, order: str) -> pd.DataFrame:
                     return pd.read_sql_query(
@@ -581,7 +950,7 @@ def load(source: "str | os.PathLike | Lab", last: int | None = None,
         runs[col] = runs[col].astype("Int64")
     runs.insert(2, "started_at", pd.to_datetime(runs["started"], unit="s", utc=True))
     runs["as_expected"] = (runs["consistent"] == runs["expect_consistent"]).astype("boolean")
-    params = [json.loads(p) if p else {} for p in runs["params"]]
+    params = [_decode_json("params", p)[0] for p in runs["params"]]
     names = sorted({k for p in params for k in p})
     flat = pd.DataFrame(
         {f"param_{k}": [(_dumps(p.get(k)) if isinstance(p.get(k), (dict, list))
@@ -607,7 +976,8 @@ def _fmt_num(v: Any) -> str:
 
 
 _TABLE = (  # header, row -> text, right-aligned
-    ("id", lambda r: str(r.get("run_id") or ""), False),
+    ("id", lambda r: str(r.get("run_id") or "") + (" (?)" if r.get("unreadable") else ""),
+     False),
     ("time", lambda r: time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(r["started"]))
      if r.get("started") is not None else "-", False),
     ("vm", lambda r: str(r.get("vm") or "-"), False),
@@ -629,7 +999,8 @@ _TABLE = (  # header, row -> text, right-aligned
 def format_table(rows: Iterable[Mapping[str, Any]]) -> str:
     """A compact text table of runs (the dicts of ResultsDB.runs()) for
     `uffdlab results`. A status marked (!) is a consistency verdict that
-    differs from what the scenario expects on a correct kernel."""
+    differs from what the scenario expects on a correct kernel; an id marked
+    (?) has a stored field that cannot be read (explained under the table)."""
     rows = list(rows)
     if not rows:
         return "no runs"
@@ -644,4 +1015,7 @@ def format_table(rows: Iterable[Mapping[str, Any]]) -> str:
     out = [line(heads), line(["-" * w for w in widths]), *(line(c) for c in cells)]
     if any(c[6].endswith("(!)") for c in cells):
         out.append("(!) consistency differs from the scenario's expectation")
+    for r in rows:
+        for name, problem in (r.get("unreadable") or {}).items():
+            out.append(f"(?) {r.get('run_id')}: {name} unreadable: {problem}")
     return "\n".join(out)

@@ -19,7 +19,7 @@ from typing import Any
 
 import yaml
 
-from .config import ConfigError, Lab
+from .config import ConfigError, Lab, parse_yaml, read_text
 from .events import Emitter, Listener
 
 NOTEBOOKS = Path(__file__).resolve().parent.parent / "notebooks"
@@ -59,47 +59,93 @@ def notebook_parameters(path: Path) -> dict[str, Any]:
             papermill.inspect_notebook(str(path)).items()}
 
 
+MAX_POINTS = 10_000
+
+
 def load_grid(path: str | os.PathLike) -> Grid:
-    """Read and check a sweep file; every problem names the key."""
+    """Read and check a sweep file; every problem names the line and the key."""
     path = Path(path)
     label = str(path)
-    try:
-        data = yaml.safe_load(path.read_text())
-    except OSError as e:
-        raise ConfigError([f"{label}: cannot read the sweep file: {e.strerror}"]) from None
-    except yaml.YAMLError as e:
-        raise ConfigError([f"{label}: not valid YAML: {e}"]) from None
+    data, lines = parse_yaml(read_text(path, label, "sweep file"), label)
     if not isinstance(data, dict):
         raise ConfigError([f"{label}: expected a mapping with 'grid' (and optionally "
                            f"'fixed', 'notebook', 'teardown')"])
+
+    def at(*loc) -> str:
+        line = (lines.get(loc + ("<key>",)) or lines.get(loc)) if loc else None
+        return f"{label}:{line}" if line else label
+
     problems = []
     unknown = set(data) - {"grid", "fixed", "notebook", "teardown"}
-    problems += [f"{label}: {k}: unknown key; expected grid, fixed, notebook or teardown"
-                 for k in sorted(unknown)]
+    problems += [f"{at(k)}: {k}: unknown key; expected grid, fixed, notebook or teardown"
+                 for k in sorted(unknown, key=str)]
     notebook = data.get("notebook", POINT_NOTEBOOK)
-    nb_path = NOTEBOOKS / notebook
-    if not nb_path.is_file():
-        problems.append(f"{label}: notebook: expected a notebook in notebooks/, got {notebook!r}")
-        valid: dict[str, Any] = {}
+    valid: dict[str, Any] = {}
+    why = _notebook_problem(notebook)
+    if why:
+        problems.append(f"{at('notebook')}: notebook: {why}")
     else:
-        valid = notebook_parameters(nb_path)
+        valid = notebook_parameters(NOTEBOOKS / notebook)
     grid, fixed = data.get("grid"), data.get("fixed") or {}
     if not isinstance(grid, dict) or not grid:
-        problems.append(f"{label}: grid: expected a mapping of parameter: [values], got {grid!r}")
+        problems.append(f"{at('grid')}: grid: expected a mapping of parameter: [values], "
+                        f"got {_short(grid)}")
         grid = {}
     if not isinstance(fixed, dict):
-        problems.append(f"{label}: fixed: expected a mapping of parameter: value, got {fixed!r}")
+        problems.append(f"{at('fixed')}: fixed: expected a mapping of parameter: value, "
+                        f"got {_short(fixed)}")
         fixed = {}
+    teardown = data.get("teardown", True)
+    if not isinstance(teardown, bool):
+        problems.append(f"{at('teardown')}: teardown: expected true or false, "
+                        f"got {_short(teardown)}")
     for section, entries in (("grid", grid), ("fixed", fixed)):
         for key, value in entries.items():
             if valid and key not in valid:
-                problems.append(f"{label}: {section}.{key}: not a parameter of {notebook}; "
-                                f"expected one of {', '.join(sorted(valid))}")
+                problems.append(f"{at(section, key)}: {section}.{key}: not a parameter of "
+                                f"{notebook}; expected one of {', '.join(sorted(valid))}")
             if section == "grid" and (not isinstance(value, list) or not value):
-                problems.append(f"{label}: grid.{key}: expected a non-empty list, got {value!r}")
+                problems.append(f"{at(section, key)}: grid.{key}: expected a non-empty list, "
+                                f"got {_short(value)}")
+    # the product's size from the axis lengths, without building it
+    npoints = 1
+    for value in grid.values():
+        npoints *= len(value) if isinstance(value, list) and value else 1
+    if npoints > MAX_POINTS:
+        problems.append(f"{at('grid')}: grid: {npoints} points, expected at most {MAX_POINTS}")
     if problems:
         raise ConfigError(problems)
-    return Grid(path, fixed, grid, notebook, bool(data.get("teardown", True)))
+    return Grid(path, fixed, grid, notebook, teardown)
+
+
+def _notebook_problem(notebook: Any) -> str:
+    """Why `notebook` is not a notebook in notebooks/, or ''."""
+    expected = "expected the name of a notebook in notebooks/"
+    if not isinstance(notebook, str) or "/" in notebook or notebook.startswith("."):
+        return f"{expected}, got {_short(notebook)}"
+    nb_path = NOTEBOOKS / notebook
+    if not nb_path.is_file():
+        return f"{expected}, got {notebook!r}"
+    try:
+        nb = json.loads(nb_path.read_bytes())
+    except OSError as e:
+        return f"expected a readable notebook, got {notebook!r} ({e.strerror})"
+    except json.JSONDecodeError as e:
+        return (f"expected a Jupyter notebook (.ipynb JSON), got {notebook!r} (not JSON: "
+                f"{e.msg} at line {e.lineno}, column {e.colno})")
+    except ValueError as e:                 # bytes that are not UTF-8/16/32
+        return (f"expected a Jupyter notebook (.ipynb JSON), got {notebook!r} "
+                f"(not JSON: {_short(str(e))})")
+    if not (isinstance(nb, dict) and isinstance(nb.get("cells"), list)
+            and isinstance(nb.get("nbformat"), int)):
+        return (f"expected a Jupyter notebook (.ipynb JSON), got {notebook!r} "
+                f"(no nbformat or cells)")
+    return ""
+
+
+def _short(value: Any, limit: int = 60) -> str:
+    text = repr(value)
+    return text if len(text) <= limit else text[:limit - 3] + "..."
 
 
 @dataclass

@@ -16,7 +16,7 @@ from tests.conftest import REPO, write_lab
 from uffdlab.config import load_lab
 from uffdlab.images import ImageError, ImageStore
 from uffdlab.ssh import Session
-from uffdlab.vm import VM, VMError, _dir_alive, pid_alive
+from uffdlab.vm import VM, VMError, _dir_alive
 
 pytestmark = pytest.mark.integration
 
@@ -91,51 +91,60 @@ def test_kernel_panic_fails_fast_with_serial_tail(session_dir):
         vm.up()
     assert "Kernel panic" in str(err.value)
     assert not vm.dir.exists()
-    assert not _qemu_running("t-panic")
+    assert not _qemu_running(lab.source, "t-panic")
 
 
-def test_killed_cli_mid_boot_leaves_nothing(session_dir):
-    """kill -9 the CLI while QEMU boots: the keeper stops QEMU, deletes the overlay."""
-    path = write_lab(session_dir / "kill.yml",
+@pytest.mark.parametrize("victim", ["cli", "keeper", "qemu"])
+def test_kill_9_mid_boot_leaves_nothing(session_dir, victim):
+    """kill -9 the CLI, the keeper or QEMU while the guest boots: no QEMU, no
+    overlay, no file of the VM is left, and a surviving CLI says what broke."""
+    path = write_lab(session_dir / f"kill-{victim}.yml",
                      {"t-kill": {"image": "trixie", "memory": "512M", "cpus": 1}})
     vm = VM(load_lab(path), "t-kill")
     cli = subprocess.Popen([sys.executable, "-m", "uffdlab", "--lab", str(path), "up"],
-                           cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+                           cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                           text=True)
     try:
-        _wait_for(lambda: _qemu_running("t-kill"), 60, "QEMU to start")
+        _wait_for(lambda: _qemu_running(path, "t-kill"), 60, "QEMU to start")
         assert (vm.dir / "overlay.qcow2").exists()
-        cli.send_signal(signal.SIGKILL)
-        cli.wait()
-        _wait_for(lambda: not _qemu_running("t-kill"), 30, "QEMU to stop")
-        _wait_for(lambda: not vm.dir.exists(), 10, "the overlay to go")
+        st = vm.state()
+        target = {"cli": cli.pid, "keeper": st.keeper_pid, "qemu": st.qemu_pid}[victim]
+        os.kill(target, signal.SIGKILL)
+        err = cli.communicate(timeout=60)[1] if victim != "cli" else ""
+        _wait_for(lambda: not _qemu_running(path, "t-kill"), 30, "QEMU to stop")
+        _wait_for(lambda: not vm.dir.exists(), 15, "the VM directory to go")
     finally:
         if cli.poll() is None:
             cli.kill()
+        cli.wait()
         vm.down()
     assert vm.state() is None
+    if victim != "cli":
+        assert cli.returncode == 1 and "QEMU exited during boot" in err
+    # only the last serial log (and the boot lock) stay, next to where the directory was
+    assert {p.name for p in vm.dir.parent.iterdir()} <= {"t-kill.serial.log", ".t-kill.lock"}
 
 
-def test_down_all_sweeps_a_vm_whose_keeper_was_killed(session_dir, running_vms):
+def test_down_all_cleans_up_a_vm_whose_keeper_was_killed(session_dir, running_vms):
     path = write_lab(session_dir / "sweep.yml",
                      {"t-sweep": {"image": "trixie", "memory": "512M", "cpus": 1}})
     lab = load_lab(path)
     vm = VM(lab, "t-sweep")
     st = vm.up()
     os.kill(st.keeper_pid, signal.SIGKILL)             # QEMU dies with it (PDEATHSIG)
-    _wait_for(lambda: not pid_alive(st.qemu_pid), 10, "QEMU to follow its keeper")
+    _wait_for(lambda: not st.qemu_id.alive(), 10, "QEMU to follow its keeper")
     assert (vm.dir / "overlay.qcow2").exists()         # nobody was left to clean
     from uffdlab.cli import main
-    others = [d for d in vm.dir.parent.iterdir()
-              if d.is_dir() and d != vm.dir and _dir_alive(d)]
-    assert others                                      # the session's shared VMs
     assert main(["--lab", str(path), "down", "--all"]) == 0
     assert not vm.dir.exists()
-    # VMs another lab file started are not this lab's to stop
-    assert all(_dir_alive(d) for d in others)
+    # the session's VMs belong to another lab file: not this lab's to stop
+    assert all(_dir_alive(v.dir) for v in running_vms.values())
 
 
-def _qemu_running(vm_name: str) -> bool:
-    out = subprocess.run(["pgrep", "-f", "--", f"-name uffdlab-{vm_name} "],
+def _qemu_running(lab_path, vm_name: str) -> bool:
+    """A QEMU of this lab's VM: its QMP socket path is in its command line."""
+    qmp = VM(load_lab(lab_path), vm_name).dir / "qmp.sock"
+    out = subprocess.run(["pgrep", "-f", "--", f"unix:{qmp},"],
                          capture_output=True, text=True).stdout
     return bool(out.strip())
 

@@ -1,4 +1,5 @@
-"""Runs last (pytest orders files by name): it kills the shared trixie VM."""
+"""Runs last (pytest orders files by name): it kills the shared VMs, QEMU of
+the trixie one mid-run and the keeper of the bookworm one mid-provision."""
 from __future__ import annotations
 
 import os
@@ -10,7 +11,7 @@ import pytest
 
 from uffdlab.api import run_and_store
 from uffdlab.results import ResultsDB
-from uffdlab.vm import pid_alive
+from uffdlab.provision import ProvisionError, provision
 
 pytestmark = pytest.mark.integration
 
@@ -42,9 +43,34 @@ def test_qemu_killed_mid_run_is_a_failed_run_and_leaks_nothing(provisioned, trix
         row = db.get(res.run_id)
     assert row["status"] == "failed" and row["error"] == res.error
     assert row["serial_log"]                              # the guest's last words
+    _gone(trixie_vm, st)
+
+
+def test_keeper_killed_mid_provision_fails_it_and_leaks_nothing(provisioned, bookworm_vm):
+    st = bookworm_vm.state()
+    assert st is not None and st.ssh_ready
+    bookworm_vm.update_state(facts={})              # so provisioning runs again
+    listener = bookworm_vm.listener
+
+    def kill_at_first_task(ev):
+        if ev.kind == "task" and st.keeper_id.alive():
+            st.keeper_id.kill()                      # QEMU follows it (PDEATHSIG)
+        listener(ev)
+
+    bookworm_vm.listener = kill_at_first_task
+    try:
+        with pytest.raises(ProvisionError):
+            provision(bookworm_vm)
+    finally:
+        bookworm_vm.listener = listener
+    _gone(bookworm_vm, st)
+
+
+def _gone(vm, st) -> None:
+    """No keeper, no QEMU, no overlay, no state of this VM (after a status-like look)."""
     deadline = time.monotonic() + 20
-    while (pid_alive(st.keeper_pid) or trixie_vm.dir.exists()) and time.monotonic() < deadline:
+    while (st.keeper_id.alive() or st.qemu_id.alive()) and time.monotonic() < deadline:
         time.sleep(0.2)
-    assert not pid_alive(st.qemu_pid) and not pid_alive(st.keeper_pid)
-    assert not (trixie_vm.dir / "overlay.qcow2").exists()
-    assert trixie_vm.state() is None
+    assert not st.qemu_id.alive() and not st.keeper_id.alive()
+    assert vm.state() is None                        # reaps what the keeper could not
+    assert not vm.dir.exists()

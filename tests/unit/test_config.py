@@ -76,7 +76,93 @@ BAD = [
     ("cpus-two", BASE.replace("cpus: 2", "cpus: two"),
      ["{f}:10: vms.guest.cpus: expected a whole number, got 'two'"]),
     ("boot-timeout-negative", BASE.replace("cpus: 2", "cpus: 2\n    boot_timeout: -5"),
-     ["{f}:11: vms.guest.boot_timeout: expected a number greater than 0.0, got -5"]),
+     ["{f}:11: vms.guest.boot_timeout: expected a number greater than 0, got -5"]),
+    # YAML's yes/true and .inf are not numbers a lab means
+    ("cpus-yes", BASE.replace("cpus: 2", "cpus: yes"),
+     ["{f}:10: vms.guest.cpus: expected a whole number, got True"]),
+    ("cpus-float", BASE.replace("cpus: 2", "cpus: 2.5"),
+     ["{f}:10: vms.guest.cpus: expected a whole number, got 2.5"]),
+    ("hugepages-true", BASE + "provision:\n  hugepages: true\n",
+     ["{f}:12: provision.hugepages: expected a whole number, got True"]),
+    ("unprivileged-yes", BASE + "provision:\n  unprivileged_userfaultfd: yes\n",
+     ["{f}:12: provision.unprivileged_userfaultfd: expected 0 or 1, got True"]),
+    ("boot-timeout-inf", BASE.replace("cpus: 2", "cpus: 2\n    boot_timeout: .inf"),
+     ["{f}:11: vms.guest.boot_timeout: expected a finite number, got inf"]),
+    ("boot-timeout-nan", BASE.replace("cpus: 2", "cpus: 2\n    boot_timeout: .nan"),
+     ["{f}:11: vms.guest.boot_timeout: expected a finite number, got nan"]),
+    ("boot-timeout-day", BASE.replace("cpus: 2", "cpus: 2\n    boot_timeout: 100000"),
+     ["{f}:11: vms.guest.boot_timeout: expected a number of at most 86400, got 100000"]),
+    ("boot-timeout-yes", BASE.replace("cpus: 2", "cpus: 2\n    boot_timeout: yes"),
+     ["{f}:11: vms.guest.boot_timeout: expected a number, got True"]),
+    ("disk-size-huge", _after_suite("    disk_size: 999999999T\n"),
+     ["{f}:6: images.trixie.disk_size: expected at most 16T for the root disk, "
+      "got 999999999T"]),
+    ("kernel-package-injection",
+     _after_suite('    kernel: {package: "linux-image-amd64,netcat-openbsd --evil"}\n'),
+     ["{f}:6: images.trixie.kernel.package: expected a Debian package name like linux-perf "
+      "(lowercase letters, digits, + - .), got 'linux-image-amd64,netcat-openbsd --evil'"]),
+    ("kernel-cmdline-newline", _after_suite('    kernel: {cmdline: "quiet\\ninit=/bin/sh"}\n'),
+     ["{f}:6: images.trixie.kernel.cmdline: expected text without control characters or "
+      "line breaks, got 'quiet\\ninit=/bin/sh'"]),
+    ("vm-cmdline-escape", BASE.replace("cpus: 2", 'cpus: 2\n    cmdline: "a\\x1bb"'),
+     ["{f}:11: vms.guest.cmdline: expected text without control characters or "
+      "line breaks, got 'a\\x1bb'"]),
+    ("cache-dir-newline", BASE.replace("cache_dir: cache", 'cache_dir: "ca\\nche"'),
+     ["{f}:2: cache_dir: expected text without control characters or line breaks, "
+      "got 'ca\\nche'"]),
+    ("tools-dir-star", BASE + "provision:\n  tools_dir: '/*'\n",
+     ["{f}:12: provision.tools_dir: expected an absolute path of letters, digits and "
+      ". _ - / like /opt/uffdlab, got '/*'"]),
+    ("tools-dir-semicolon", BASE + "provision:\n  tools_dir: '/opt/x;rm -rf /'\n",
+     ["{f}:12: provision.tools_dir: expected an absolute path of letters, digits and "
+      ". _ - / like /opt/uffdlab, got '/opt/x;rm -rf /'"]),
+    ("tools-dir-dollar", BASE + "provision:\n  tools_dir: '$(reboot)'\n",
+     ["{f}:12: provision.tools_dir: expected an absolute path of letters, digits and "
+      ". _ - / like /opt/uffdlab, got '$(reboot)'"]),
+    ("tools-dir-backticks", BASE + "provision:\n  tools_dir: '/opt/`reboot`'\n",
+     ["{f}:12: provision.tools_dir: expected an absolute path of letters, digits and "
+      ". _ - / like /opt/uffdlab, got '/opt/`reboot`'"]),
+    ("tools-dir-relative", BASE + "provision:\n  tools_dir: relative/path\n",
+     ["{f}:12: provision.tools_dir: expected an absolute path of letters, digits and "
+      ". _ - / like /opt/uffdlab, got 'relative/path'"]),
+    ("tools-dir-space", BASE + "provision:\n  tools_dir: '/opt/a b'\n",
+     ["{f}:12: provision.tools_dir: expected an absolute path of letters, digits and "
+      ". _ - / like /opt/uffdlab, got '/opt/a b'"]),
+    ("tools-dir-dotdot", BASE + "provision:\n  tools_dir: /opt/../etc\n",
+     ["{f}:12: provision.tools_dir: expected a plain absolute path (no '.', '..', '//' or "
+      "trailing '/'), got '/opt/../etc'"]),
+    ("tools-dir-trailing", BASE + "provision:\n  tools_dir: /opt/x/\n",
+     ["{f}:12: provision.tools_dir: expected a plain absolute path (no '.', '..', '//' or "
+      "trailing '/'), got '/opt/x/'"]),
+    ("tools-dir-double", BASE + "provision:\n  tools_dir: /opt//x\n",
+     ["{f}:12: provision.tools_dir: expected a plain absolute path (no '.', '..', '//' or "
+      "trailing '/'), got '/opt//x'"]),
+    ("tools-dir-dot", BASE + "provision:\n  tools_dir: /opt/./x\n",
+     ["{f}:12: provision.tools_dir: expected a plain absolute path (no '.', '..', '//' or "
+      "trailing '/'), got '/opt/./x'"]),
+    ("tools-dir-system-root", BASE + "provision:\n  tools_dir: /\n",
+     ["{f}:12: provision.tools_dir: expected a directory of the lab's own (the playbook "
+      "empties it), not a system directory, got '/'"]),
+    ("tools-dir-system-usr", BASE + "provision:\n  tools_dir: /usr\n",
+     ["{f}:12: provision.tools_dir: expected a directory of the lab's own (the playbook "
+      "empties it), not a system directory, got '/usr'"]),
+    ("tools-dir-system-tmp", BASE + "provision:\n  tools_dir: /tmp/\n",
+     ["{f}:12: provision.tools_dir: expected a directory of the lab's own (the playbook "
+      "empties it), not a system directory, got '/tmp/'"]),
+    ("tools-dir-system-etc-sub", BASE + "provision:\n  tools_dir: /etc/ssh\n",
+     ["{f}:12: provision.tools_dir: expected a directory of the lab's own (the playbook "
+      "empties it), not a system directory, got '/etc/ssh'"]),
+    ("tools-dir-system-opt", BASE + "provision:\n  tools_dir: /opt\n",
+     ["{f}:12: provision.tools_dir: expected a directory of the lab's own (the playbook "
+      "empties it), not a system directory, got '/opt'"]),
+    # PyYAML silently keeps the last of two equal keys; a lab loses nothing
+    ("duplicate-top-key", BASE + "vms:\n  other:\n    image: trixie\n",
+     ["{f}:11: vms: duplicate key 'vms' (first at line 6)"]),
+    ("duplicate-nested-key", BASE.replace("    cpus: 2", "    cpus: 2\n    memory: 4G"),
+     ["{f}:11: vms.guest.memory: duplicate key 'memory' (first at line 9)"]),
+    ("alias-cycle", BASE + "provision: &p\n  hugepages: *p\n",
+     ["{f}:12: provision.hugepages: expected an alias to a finished node, got *p inside "
+      "its own anchor (a cycle)"]),
     ("accel-fast", BASE.replace("accel: auto", "accel: fast"),
      ["{f}:1: accel: expected 'auto', 'kvm' or 'tcg', got 'fast'"]),
     ("vm-missing-image", BASE.replace("image: trixie", "image: sid"),

@@ -122,6 +122,32 @@ def test_serial_to_file_and_qmp_socket():
     assert "-qmp" not in cmd(qmp_socket=None).argv()
 
 
+def test_commas_in_paths_cannot_add_qemu_options():
+    """QEMU reads -drive and -qmp as key=value lists where ',,' is a literal
+    comma; -serial file: takes the rest verbatim (checked against QEMU 7.2)."""
+    evil = Path("/c/x,file=/etc/passwd")
+    argv = cmd(disk=evil / "overlay.qcow2", serial_log=evil / "serial.log",
+               qmp_socket=evil / "qmp.sock").argv()
+    (drive,) = after(argv, "-drive")
+    assert drive.startswith("file=/c/x,,file=/etc/passwd/overlay.qcow2,if=virtio,")
+    keys = [kv.split("=", 1)[0] for kv in drive.replace(",,", "\0").split(",")]
+    assert keys.count("file") == 1
+    (qmp,) = after(argv, "-qmp")
+    assert qmp == "unix:/c/x,,file=/etc/passwd/qmp.sock,server=on,wait=off"
+    assert after(argv, "-serial") == ["file:/c/x,file=/etc/passwd/serial.log"]
+
+
+def test_cache_dir_with_a_comma_gives_one_drive_file(lab_file):
+    path = lab_file("tcg")
+    path.write_text(path.read_text().replace("cache_dir: cache",
+                                             "cache_dir: 'x,file=/etc/passwd'"))
+    argv = VM(load_lab(path), "guest").command("tcg", ssh_port=40000).argv()
+    (drive,) = after(argv, "-drive")
+    keys = [kv.split("=", 1)[0] for kv in drive.replace(",,", "\0").split(",")]
+    assert keys.count("file") == 1
+    assert drive.startswith(f"file={path.parent}/x,,file=/etc/passwd/")
+
+
 def test_initrd_omitted_when_none():
     argv = cmd(initrd=None).argv()
     assert "-initrd" not in argv
@@ -205,6 +231,21 @@ def test_mmdebstrap_argv_names_no_mirror_and_has_the_kernel(tmp_path):
     assert [a for a in argv if not a.startswith("-")] == ["mmdebstrap", "trixie", "/dev/null"]
 
 
+def test_mmdebstrap_hook_names_no_path(tmp_path):
+    """Paths reach the customize hook through the environment: the hook text
+    is a constant, whatever the cache directory is called."""
+    rec = recipe(spec(), PUBKEY)
+    out = tmp_path / "x;touch PWNED;#" / "with space"
+    argv = mmdebstrap_argv(rec, out, out / "lab.pub", out / "hostkey")
+    (hook,) = [a.split("=", 1)[1] for a in argv if a.startswith("--customize-hook=")]
+    assert hook == images.CUSTOMIZE_HOOK
+    assert "PWNED" not in hook and "space" not in hook and str(tmp_path) not in hook
+    env = images.mmdebstrap_env(rec, out, out / "lab.pub", out / "hostkey")
+    assert env == {"UFFDLAB_CUSTOMIZE": str(images.CUSTOMIZE), "UFFDLAB_OUT": str(out),
+                   "UFFDLAB_LAB_PUBKEY": str(out / "lab.pub"),
+                   "UFFDLAB_HOSTKEY": str(out / "hostkey"), "UFFDLAB_DISK_SIZE": "4096M"}
+
+
 def test_mmdebstrap_argv_other_kernel_package(tmp_path):
     rec = recipe(spec(suite="bookworm", kernel=KernelSpec(package="linux-image-amd64")), PUBKEY)
     argv = mmdebstrap_argv(rec, tmp_path, tmp_path / "k.pub", tmp_path / "hk")
@@ -251,8 +292,29 @@ def test_store_local_kernel_missing_file(lab_file):
     with pytest.raises(images.ConfigError) as exc:
         ImageStore(load_lab(path)).image("mine")
     assert exc.value.problems == [
-        f"{path}: images.mine.kernel.vmlinuz: expected an existing file, "
+        f"{path}:8: images.mine.kernel.vmlinuz: expected an existing file, "
         f"got '{path.parent / 'kernels' / 'bzImage'}'"]
+
+
+def test_store_local_kernel_not_a_bzimage(lab_file, tmp_path):
+    path = lab_file()
+    path.write_text(path.read_text().replace("vmlinuz: kernels/bzImage", "vmlinuz: /etc/passwd"))
+    with pytest.raises(images.ConfigError) as exc:
+        ImageStore(load_lab(path)).image("mine")
+    assert exc.value.problems == [
+        f"{path}:8: images.mine.kernel.vmlinuz: expected an x86 bzImage "
+        f"(arch/x86/boot/bzImage: no 'HdrS' at offset 0x202), got '/etc/passwd'"]
+
+
+def test_store_local_initrd_must_be_a_file(lab_file):
+    path = lab_file()
+    (path.parent / "kernels" / "initrd.d").mkdir()
+    path.write_text(path.read_text().replace("initrd: null", "initrd: kernels/initrd.d"))
+    with pytest.raises(images.ConfigError) as exc:
+        ImageStore(load_lab(path)).image("mine")
+    assert exc.value.problems == [
+        f"{path}:8: images.mine.kernel.initrd: expected an existing file, "
+        f"got '{path.parent / 'kernels' / 'initrd.d'}'"]
 
 
 def test_store_build_of_a_cached_recipe_is_a_no_op(lab_file, monkeypatch):
@@ -272,16 +334,16 @@ def test_store_build_of_a_cached_recipe_is_a_no_op(lab_file, monkeypatch):
 
 # -- accel ----------------------------------------------------------------
 def test_accel_requested_tcg_and_kvm(monkeypatch, tmp_path):
-    monkeypatch.setattr(accel, "probe_kvm", lambda *a, **k: pytest.fail("no probe"))
-    monkeypatch.setattr(accel, "kvm_openable", lambda: pytest.fail("no /dev/kvm check"))
+    monkeypatch.setattr(accel, "_probe", lambda *a, **k: pytest.fail("no probe"))
+    monkeypatch.setattr(accel, "kvm_status", lambda: pytest.fail("no /dev/kvm check"))
     assert accel.choose("tcg", Path("vmlinuz"), None, tmp_path / "a.json") == \
         AccelChoice("tcg", "requested in lab.yml", False)
     assert accel.choose("kvm", Path("vmlinuz"), None, tmp_path / "a.json").accel == "kvm"
 
 
 def test_accel_auto_without_dev_kvm(monkeypatch, tmp_path):
-    monkeypatch.setattr(accel, "kvm_openable", lambda: False)
-    monkeypatch.setattr(accel, "probe_kvm", lambda *a, **k: pytest.fail("no probe"))
+    monkeypatch.setattr(accel, "kvm_status", lambda: (False, "missing"))
+    monkeypatch.setattr(accel, "_probe", lambda *a, **k: pytest.fail("no probe"))
     choice = accel.choose("auto", Path("vmlinuz"), None, tmp_path / "a.json")
     assert choice.accel == "tcg" and not choice.fell_back
     assert "/dev/kvm" in choice.reason
@@ -293,11 +355,11 @@ def counted_probe(monkeypatch):
 
     def probe(vmlinuz, initrd=None, seconds=0):
         calls.append(vmlinuz)
-        return False, "KVM internal error"
+        return False, "KVM internal error", True
 
-    monkeypatch.setattr(accel, "kvm_openable", lambda: True)
+    monkeypatch.setattr(accel, "kvm_status", lambda: (True, ""))
     monkeypatch.setattr(accel, "qemu_version", lambda: "QEMU emulator version 9.2.0")
-    monkeypatch.setattr(accel, "probe_kvm", probe)
+    monkeypatch.setattr(accel, "_probe", probe)
     return calls
 
 
@@ -313,8 +375,8 @@ def test_accel_auto_falls_back_and_caches(counted_probe, tmp_path):
 
 
 def test_accel_auto_kvm_works_is_cached_too(monkeypatch, counted_probe, tmp_path):
-    monkeypatch.setattr(accel, "probe_kvm",
-                        lambda *a, **k: counted_probe.append(1) or (True, "booted"))
+    monkeypatch.setattr(accel, "_probe",
+                        lambda *a, **k: counted_probe.append(1) or (True, "booted", True))
     cache = tmp_path / "accel.json"
     assert accel.choose("auto", Path("v"), None, cache) == AccelChoice("kvm", "booted", False)
     assert accel.choose("auto", Path("v"), None, cache).accel == "kvm"
@@ -348,12 +410,13 @@ def test_vm_dry_run_without_a_built_image(lab_file):
     vm = VM(load_lab(path), "guest")
     line = vm.dry_run()
     cache = path.parent / "cache"
-    assert f"file={cache}/vms/guest/overlay.qcow2" in line
+    assert f"file={vm.dir}/overlay.qcow2" in line
+    assert vm.dir.parent.parent == cache / "vms"        # one directory per lab file
     assert "-accel tcg,thread=multi -cpu max" in line
     assert "-m 1024M" in line and "-smp 3" in line
     assert "loglevel=7" in line
     assert "hostfwd=tcp:127.0.0.1:" in line
-    assert not (cache / "vms" / "guest").exists()      # a dry run leaves no VM behind
+    assert not vm.dir.exists()                         # a dry run leaves no VM behind
     assert vm.state() is None
 
 
@@ -372,9 +435,10 @@ def test_cli_up_dry_run_auto_uses_the_chosen_accel(lab_file, monkeypatch, capsys
     out = capsys.readouterr().out.strip()
     assert out.count("\n") == 0
     assert out.startswith("qemu-system-x86_64 ")
-    assert f"{path.parent}/cache/vms/guest/overlay.qcow2" in out
+    vm = VM(load_lab(path), "guest")
+    assert f"{vm.dir}/overlay.qcow2" in out
     assert "-accel tcg,thread=multi" in out
-    assert not (path.parent / "cache" / "vms" / "guest").exists()
+    assert not vm.dir.exists()
 
 
 def test_cli_up_dry_run_unknown_vm(lab_file, capsys):
