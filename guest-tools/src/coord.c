@@ -16,6 +16,7 @@
 #include <sys/mman.h>
 #include <sys/socket.h>
 #include <sys/syscall.h>
+#include <sys/time.h>
 #include <sys/wait.h>
 #include <unistd.h>
 
@@ -54,38 +55,77 @@ static void coord_cleanup(void)
 	reap_writers();
 }
 
-/* SIGTERM/SIGINT/SIGALRM: only async-signal-safe calls here. */
+/* Async-signal-safe string append for the signal handler. */
+static size_t append(char *buf, size_t n, size_t cap, const char *s)
+{
+	while (*s && n + 1 < cap)
+		buf[n++] = *s++;
+	buf[n] = 0;
+	return n;
+}
+
+/* SIGINT/SIGTERM/SIGHUP (a user, or a terminal signalling the whole group)
+ * and SIGALRM (the hard timeout).  Only async-signal-safe calls here.
+ * Writers reset these to the default action, so when the group gets the
+ * signal they die silently and this is the one report. */
 static void on_fatal_signal(int sig)
 {
-	static const char term[] =
-		"{\"type\":\"error\",\"tool\":\"uffd-snapshot\",\"exit_code\":3,"
-		"\"kind\":\"runtime\",\"message\":\"coordinator killed by a signal; writers killed\"}\n";
-	static const char alrm[] =
-		"{\"type\":\"error\",\"tool\":\"uffd-snapshot\",\"exit_code\":3,"
-		"\"kind\":\"runtime\",\"message\":\"hard timeout (--timeout plus grace) expired; writers killed\"}\n";
+	const char *name = signal_name(sig);
+	char msg[160], line[320];
+	size_t n = 0, m = 0;
 	ssize_t r;
 
+	if (util_claim_exit() != CLAIM_NEW) {
+		/* an error is being reported already; its exit follows, unless
+		 * the alarm says it got stuck: then end it without a second record */
+		if (sig != SIGALRM)
+			return;
+		kill_writers();
+		_exit(EXIT_RUNTIME);
+	}
 	kill_writers();
-	if (sig == SIGALRM)
-		r = write(STDOUT_FILENO, alrm, sizeof(alrm) - 1);
-	else
-		r = write(STDOUT_FILENO, term, sizeof(term) - 1);
+	if (sig == SIGALRM) {
+		n = append(msg, n, sizeof(msg), "hard timeout (--timeout plus "
+			   STR(TIMEOUT_GRACE_MS) " ms) expired; writers killed");
+	} else {
+		n = append(msg, n, sizeof(msg), "coordinator interrupted by ");
+		n = append(msg, n, sizeof(msg), name ? name : "a signal");
+		n = append(msg, n, sizeof(msg), "; writers killed");
+	}
+	m = append(line, m, sizeof(line), "{\"type\":\"error\",\"tool\":\"uffd-snapshot\","
+		   "\"exit_code\":3,\"kind\":\"runtime\",\"message\":\"");
+	m = append(line, m, sizeof(line), msg);
+	m = append(line, m, sizeof(line), "\"}\n");
+	r = write(STDOUT_FILENO, line, m);
+	m = append(line, 0, sizeof(line), "uffd-snapshot: ");
+	m = append(line, m, sizeof(line), msg);
+	m = append(line, m, sizeof(line), "\n");
+	r = write(STDERR_FILENO, line, m);
 	(void)r;
 	_exit(EXIT_RUNTIME);
 }
 
 static void install_signals(const struct opts *o)
 {
+	uint64_t ms = (uint64_t)(o->timeout * 1000) + TIMEOUT_GRACE_MS;
+	struct itimerval it = { .it_value = { .tv_sec = (time_t)(ms / 1000),
+					      .tv_usec = (suseconds_t)(ms % 1000) * 1000 } };
 	struct sigaction sa;
+	sigset_t fatal;
 
 	memset(&sa, 0, sizeof(sa));
 	sa.sa_handler = on_fatal_signal;
-	sigaction(SIGTERM, &sa, NULL);
-	sigaction(SIGINT, &sa, NULL);
-	sigaction(SIGALRM, &sa, NULL);
-	signal(SIGPIPE, SIG_IGN);
+	util_fatal_sigset(&fatal);
+	sigaddset(&fatal, SIGALRM);
+	sa.sa_mask = fatal;        /* one handler at a time */
+	if (sigaction(SIGTERM, &sa, NULL) || sigaction(SIGINT, &sa, NULL) ||
+	    sigaction(SIGHUP, &sa, NULL) || sigaction(SIGALRM, &sa, NULL))
+		die_sys("sigaction", "installing the signal handlers");
+	if (signal(SIGPIPE, SIG_IGN) == SIG_ERR)
+		die_sys("signal(SIGPIPE)", "ignoring SIGPIPE");
 	/* last resort if a loop ever forgets to check the deadline */
-	alarm((unsigned)o->timeout + 10);
+	if (setitimer(ITIMER_REAL, &it, NULL))
+		die_sys("setitimer", "arming the hard timeout");
 }
 
 /* ---- kernel features ---- */
@@ -255,8 +295,15 @@ static void spawn_processes(struct coord *c)
 {
 	struct opts *o = c->o;
 	pid_t me = getpid();
+	sigset_t fatal, old;
 
 	fflush(stdout);
+	/* a writer must not run the coordinator's handlers: it resets them
+	 * (writer_process) before these signals reach it */
+	util_fatal_sigset(&fatal);
+	sigaddset(&fatal, SIGALRM);
+	if (sigprocmask(SIG_BLOCK, &fatal, &old))
+		die_sys("sigprocmask", "blocking signals to start writers");
 	for (int i = 0; i < o->writers; i++) {
 		int sv[2];
 		pid_t pid;
@@ -276,6 +323,8 @@ static void spawn_processes(struct coord *c)
 		c->sock[i] = sv[0];
 		c->wpid[i] = pid;
 	}
+	if (sigprocmask(SIG_SETMASK, &old, NULL))
+		die_sys("sigprocmask", "unblocking signals after starting writers");
 }
 
 /* Receive one writer's hello and, with it, its uffd (SCM_RIGHTS). */
@@ -298,7 +347,12 @@ static void receive_hello(struct coord *c, int i)
 	if (n < 0)
 		die_sys("recvmsg", "receiving writer %d's uffd", i);
 	if (n != (ssize_t)sizeof(h)) {
-		coord_check(c);       /* most likely it died: report how */
+		/* most likely it died: its exit status follows the close shortly */
+		for (int k = 0; k < 100; k++) {
+			c->last_alive_check = 0;
+			coord_check(c);
+			sleep_ns(10000000);
+		}
 		die_runtime("writer %d (pid %d) closed its channel during setup", i, (int)c->wpid[i]);
 	}
 	if (!h.ok) {
@@ -412,8 +466,11 @@ static void start_threads(struct coord *c)
 		if (i == 0 && o->kernel_writes == KW_READ && pipe2(w->pipefd, O_CLOEXEC))
 			die_sys("pipe2", "--kernel-writes read");
 		atomic_store(&c->ctl->slot[i].pid, (int32_t)getpid());
-		if (pthread_create(&c->wthread[i], NULL, writer_thread, w))
-			die_runtime("pthread_create failed for writer thread %d", i);
+		ret = thread_create_nosig(&c->wthread[i], writer_thread, w);
+		if (ret) {
+			errno = ret;
+			die_sys("pthread_create", "starting writer thread %d", i);
+		}
 	}
 	/* wait until every thread is in its loop (tid published) */
 	for (int i = 0; i < o->writers; i++)
@@ -423,32 +480,23 @@ static void start_threads(struct coord *c)
 
 /* ---- liveness, timeout, progress ---- */
 
-static void describe_status(int status, char *buf, size_t len)
-{
-	if (WIFSIGNALED(status))
-		snprintf(buf, len, "killed by signal %d (%s)", WTERMSIG(status),
-			 strsignal(WTERMSIG(status)));
-	else
-		snprintf(buf, len, "exited with status %d", WEXITSTATUS(status));
-}
-
 static void check_writers(struct coord *c)
 {
 	for (int i = 0; i < c->o->writers; i++) {
+		pid_t pid = c->wpid[i];
 		int status;
 		char how[96];
 		const char *err;
 
-		if (c->wpid[i] <= 0 || waitpid(c->wpid[i], &status, WNOHANG) != c->wpid[i])
+		if (pid <= 0 || waitpid(pid, &status, WNOHANG) != pid)
 			continue;
 		c->wpid[i] = 0;
 		if (WIFEXITED(status) && WEXITSTATUS(status) == 0 &&
 		    atomic_load(&c->ctl->slot[i].state) == SLOT_DONE)
 			continue;    /* finished normally after CMD_STOP */
-		describe_status(status, how, sizeof(how));
+		describe_exit(status, how, sizeof(how));
 		err = c->ctl->slot[i].error;
-		die_runtime("writer %d (pid %d) died while %s: %s%s%s", i,
-			    (int)atomic_load(&c->ctl->slot[i].pid), c->doing, how,
+		die_runtime("writer %d (pid %d) %s while %s%s%s", i, (int)pid, how, c->doing,
 			    err[0] ? ": " : "", err);
 	}
 }
@@ -751,13 +799,18 @@ static void *handler_main(void *arg)
 
 static void start_handler(struct coord *c)
 {
+	int ret;
+
 	if (c->o->strategy == ST_STW || c->o->strategy == ST_ASYNC)
 		return;    /* no faults to serve: nothing, or WP_ASYNC in the kernel */
 	c->stop_efd = eventfd(0, EFD_CLOEXEC);
 	if (c->stop_efd < 0)
 		die_sys("eventfd", "creating the handler stop signal");
-	if (pthread_create(&c->handler, NULL, handler_main, c))
-		die_runtime("pthread_create failed for the fault handler");
+	ret = thread_create_nosig(&c->handler, handler_main, c);
+	if (ret) {
+		errno = ret;
+		die_sys("pthread_create", "starting the fault handler thread");
+	}
 	c->handler_running = true;
 }
 

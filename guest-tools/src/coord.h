@@ -74,7 +74,7 @@ struct coord {
 
 	/* async-scan */
 	int rounds;
-	uint64_t dirty_round[64];
+	uint64_t dirty_round[LIM_SCAN_ROUNDS_MAX];
 	uint64_t final_dirty;
 	uint64_t *scan_bits;
 

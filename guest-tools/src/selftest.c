@@ -48,6 +48,19 @@ static void test_parse(void)
 	CHECK(parse_double("0.5", &d) && d == 0.5);
 	CHECK(!parse_double("nan", &d));
 	CHECK(!parse_double("1e999", &d));
+	CHECK(!parse_double("inf", &d));
+}
+
+static void test_exit_descriptions(void)
+{
+	char buf[96];
+
+	CHECK(!strcmp(signal_name(SIGTERM), "SIGTERM"));
+	CHECK(signal_name(0) == NULL);
+	describe_exit(SIGKILL, buf, sizeof(buf));     /* wait status of a SIGKILL death */
+	CHECK(!strcmp(buf, "was killed by SIGKILL (signal 9)"));
+	describe_exit(3 << 8, buf, sizeof(buf));
+	CHECK(!strcmp(buf, "exited with status 3"));
 }
 
 static void test_hist(void)
@@ -197,6 +210,7 @@ int self_test(void)
 
 	j_init(&g_fails);
 	test_parse();
+	test_exit_descriptions();
 	test_hist();
 	test_json();
 	test_stamp();

@@ -12,6 +12,7 @@
 #ifndef UFFDLAB_SNAPSHOT_H
 #define UFFDLAB_SNAPSHOT_H
 
+#include "limits.h"
 #include "stamp.h"
 #include "uffd.h"
 #include "util.h"
@@ -22,11 +23,13 @@
 #include <stdint.h>
 #include <sys/types.h>
 
-#define MAX_WRITERS 64
+#define MAX_WRITERS LIM_WRITERS_MAX
 #define MAX_PART (MAX_WRITERS + 1)     /* writers + an optional fork child */
 _Static_assert(MAX_PART == STAMP_SLOTS, "one stamp slot per participant");
+_Static_assert(LIM_UNREGISTERED_MAX == LIM_WRITERS_MAX, "any writer may be unregistered");
 #define STALL_NS 10000                 /* an op slower than 10 us counts as a stall */
 #define INJECT_PAGES 16                /* pages touched by --punch-hole / --zap-after-arm */
+#define TIMEOUT_GRACE_MS 500           /* the last-resort alarm fires this long after --timeout */
 
 enum strategy { ST_STW, ST_WP, ST_WP_STAGGERED, ST_ASYNC };
 enum backing { B_MEMFD, B_SHMEM, B_HUGETLBFS, B_ANON };

@@ -46,12 +46,13 @@ static void usage(FILE *f)
 "  --strategy stop-the-world|uffd-wp|uffd-wp-staggered|async-scan  (uffd-wp)\n"
 "  --backing memfd|shmem|hugetlbfs|anon       guest RAM backing (memfd)\n"
 "  --size SIZE                                RAM size, e.g. 64M, 1G (64M)\n"
-"  --writers N                                writer processes, 1..64 (1)\n"
+"  --writers N                                writer processes, " STR(LIM_WRITERS_MIN) ".." STR(LIM_WRITERS_MAX) " (1)\n"
 "  --pattern uniform|sequential|hot:FRACTION  page choice (uniform)\n"
-"  --rate OPS|max                             combined page writes/s of all writers (max)\n"
+"  --rate OPS|max                             combined page writes/s of all writers, " STR(LIM_RATE_MIN) ".." STR(LIM_RATE_MAX) " (max)\n"
 "  --duration SECONDS                         writers run this long (1)\n"
 "  --warmup SECONDS                           writing before the snapshot starts (min(0.2, duration/4))\n"
-"  --timeout SECONDS                          hard limit for the whole run (duration + 60)\n"
+"  --timeout SECONDS                          hard limit for the whole run (duration + 60,\n"
+"                                             uffd-wp-staggered: + the stagger of all writers)\n"
 "  --populate yes|no                          writers fault all RAM in before arming (no)\n"
 "  --prefill yes|no                           coordinator writes every page first (yes)\n"
 "  --prearm yes|no                            uffd-wp: protect while running, short final pause (yes)\n"
@@ -70,7 +71,7 @@ static void usage(FILE *f)
 "  --corrupt-snapshot N                       damage N snapshot pages before verifying (verifier self-check)\n"
 "  --seed N                                   random seed (1)\n"
 "  --progress-ms MS                           progress record interval (200)\n"
-"  --stagger-ms MS                            uffd-wp-staggered: delay before arming each writer (2)\n"
+"  --stagger-ms MS                            uffd-wp-staggered: delay before arming each writer, " STR(LIM_STAGGER_MS_MIN) ".." STR(LIM_STAGGER_MS_MAX) " (2)\n"
 "  --scan-rounds N                            async-scan: rescans before the final pause (5)\n"
 "  --self-test                                run internal checks and exit\n",
 		INJECT_PAGES, INJECT_PAGES);
@@ -110,14 +111,26 @@ static uint64_t parse_int_range(const char *flag, const char *v, uint64_t lo, ui
 	return x;
 }
 
-static double parse_real_range(const char *flag, const char *v, double lo, double hi,
-			       bool lo_open)
+static double parse_real_range(const char *flag, const char *v, double lo, double hi)
 {
 	double x;
 
-	if (!parse_double(v, &x) || (lo_open ? x <= lo : x < lo) || x > hi)
-		die_usage(flag, "%s: got '%s', expected a number %s %g and <= %g",
-			  flag, v, lo_open ? ">" : ">=", lo, hi);
+	if (!parse_double(v, &x) || !(x >= lo && x <= hi))
+		die_usage(flag, "%s: got '%s', expected a number from %g to %g", flag, v, lo, hi);
+	return x;
+}
+
+/* "max" (0) or combined page writes per second: a tiny rate would make
+ * the writers' interval overflow its integer, so it is refused here. */
+static double parse_rate(const char *flag, const char *v)
+{
+	double x;
+
+	if (!strcmp(v, "max"))
+		return 0;
+	if (!parse_double(v, &x) || !(x >= LIM_RATE_MIN && x <= LIM_RATE_MAX))
+		die_usage(flag, "%s: got '%s', expected max or a number of page writes per second "
+			  "from " STR(LIM_RATE_MIN) " to " STR(LIM_RATE_MAX), flag, v);
 	return x;
 }
 
@@ -130,8 +143,10 @@ static void parse_pattern(struct opts *o, const char *v)
 	} else if (!strncmp(v, "hot:", 4)) {
 		double f;
 
-		if (!parse_double(v + 4, &f) || f <= 0 || f > 1)
-			die_usage("--pattern", "--pattern: got '%s', expected hot:FRACTION with 0 < FRACTION <= 1, e.g. hot:0.1", v);
+		if (!parse_double(v + 4, &f) || !(f > LIM_HOT_FRACTION_MIN && f <= LIM_HOT_FRACTION_MAX))
+			die_usage("--pattern", "--pattern: got '%s', expected hot:FRACTION with "
+				  STR(LIM_HOT_FRACTION_MIN) " < FRACTION <= " STR(LIM_HOT_FRACTION_MAX)
+				  ", e.g. hot:0.1", v);
 		o->pattern = PAT_HOT;
 		o->hot_fraction = f;
 	} else {
@@ -190,6 +205,9 @@ static const char *option_name(int val)
 /* Flags that need a shared backing or writer 0's fd. */
 static void check_combinations(struct opts *o, bool timeout_set, bool warmup_set)
 {
+	double stagger_s = 0;
+	int armed = 0;
+
 	if (o->backing == B_ANON) {
 		const char *flag = o->fd_writes ? "--fd-writes" : o->punch_hole ? "--punch-hole" :
 				   o->fork_child ? "--fork-child" : o->unregistered ? "--unregistered" : NULL;
@@ -215,11 +233,20 @@ static void check_combinations(struct opts *o, bool timeout_set, bool warmup_set
 	if (o->warmup >= o->duration)
 		die_usage("--warmup", "--warmup: got %g, expected less than --duration (%g)",
 			  o->warmup, o->duration);
+	if (o->strategy == ST_WP_STAGGERED) {
+		/* each armed process sleeps --stagger-ms, and --timeout bounds it all */
+		armed = o->backing == B_ANON ? 1 : o->writers - o->unregistered;
+		stagger_s = o->stagger_ms * armed / 1000;
+	}
 	if (!timeout_set)
-		o->timeout = o->duration + 60;
+		o->timeout = o->duration + stagger_s + 60;
 	if (o->timeout <= o->duration)
 		die_usage("--timeout", "--timeout: got %g, expected more than --duration (%g)",
 			  o->timeout, o->duration);
+	if (stagger_s + o->duration >= o->timeout)
+		die_usage("--timeout", "--timeout: got %g, but arming %d writer(s) --stagger-ms %g apart "
+			  "(%g s) plus --duration %g needs more than that",
+			  o->timeout, armed, o->stagger_ms, stagger_s, o->duration);
 	/* async copies before the instant: only a reference copy can judge it */
 	if (o->strategy == ST_ASYNC && o->verify == V_STAMP)
 		o->verify = V_COPY;
@@ -239,11 +266,11 @@ static void check_size(struct opts *o, const char *arg)
 		format_size(o->size, buf, sizeof(buf));
 	if (psz <= 0)
 		die_usage("--backing", "--backing hugetlbfs: this kernel reports no huge page size");
-	if (o->size < (uint64_t)psz * 16 || o->size % (uint64_t)psz)
+	if (o->size < (uint64_t)psz * LIM_SIZE_PAGES_MIN || o->size % (uint64_t)psz)
 		die_usage("--size", "--size: got '%s', expected a multiple of the page size (%ld) "
-			  "and at least 16 pages", buf, psz);
-	if (o->size / (uint64_t)psz > UINT32_MAX)
-		die_usage("--size", "--size: got '%s', expected at most 2^32 pages", buf);
+			  "and at least " STR(LIM_SIZE_PAGES_MIN) " pages", buf, psz);
+	if (o->size / (uint64_t)psz > LIM_SIZE_PAGES_MAX)
+		die_usage("--size", "--size: got '%s', expected at most " STR(LIM_SIZE_PAGES_MAX) " pages", buf);
 	if (avail_kb > 0 && o->size * copies > (uint64_t)avail_kb * 1024)
 		die_usage("--size", "--size: got '%s', but %" PRIu64 " copies of it exceed MemAvailable (%ld kB)",
 			  buf, copies, avail_kb);
@@ -279,18 +306,29 @@ static void parse_args(int argc, char **argv, struct opts *o)
 			if (!parse_size(optarg, &o->size))
 				die_usage(flag, "--size: got '%s', expected a size like 64M or 1G", optarg);
 			break;
-		case OPT_WRITERS: o->writers = (int)parse_int_range(flag, optarg, 1, MAX_WRITERS); break;
-		case OPT_PATTERN: parse_pattern(o, optarg); break;
-		case OPT_RATE:
-			o->rate = !strcmp(optarg, "max") ? 0 : parse_real_range(flag, optarg, 0, 1e9, true);
+		case OPT_WRITERS:
+			o->writers = (int)parse_int_range(flag, optarg, LIM_WRITERS_MIN, LIM_WRITERS_MAX);
 			break;
-		case OPT_DURATION: o->duration = parse_real_range(flag, optarg, 0.05, 86400, false); break;
-		case OPT_WARMUP: o->warmup = parse_real_range(flag, optarg, 0, 86400, false); warmup_set = true; break;
-		case OPT_TIMEOUT: o->timeout = parse_real_range(flag, optarg, 0.1, 86400, false); timeout_set = true; break;
+		case OPT_PATTERN: parse_pattern(o, optarg); break;
+		case OPT_RATE: o->rate = parse_rate(flag, optarg); break;
+		case OPT_DURATION:
+			o->duration = parse_real_range(flag, optarg, LIM_DURATION_MIN, LIM_DURATION_MAX);
+			break;
+		case OPT_WARMUP:
+			o->warmup = parse_real_range(flag, optarg, LIM_WARMUP_MIN, LIM_WARMUP_MAX);
+			warmup_set = true;
+			break;
+		case OPT_TIMEOUT:
+			o->timeout = parse_real_range(flag, optarg, LIM_TIMEOUT_MIN, LIM_TIMEOUT_MAX);
+			timeout_set = true;
+			break;
 		case OPT_POPULATE: o->populate = parse_yes_no(flag, optarg); break;
 		case OPT_PREFILL: o->prefill = parse_yes_no(flag, optarg); break;
 		case OPT_PREARM: o->prearm = parse_yes_no(flag, optarg); break;
-		case OPT_UNREG: o->unregistered = (int)parse_int_range(flag, optarg, 0, MAX_WRITERS); break;
+		case OPT_UNREG:
+			o->unregistered = (int)parse_int_range(flag, optarg, LIM_UNREGISTERED_MIN,
+							       LIM_UNREGISTERED_MAX);
+			break;
 		case OPT_FDW: o->fd_writes = true; break;
 		case OPT_PUNCH: o->punch_hole = true; break;
 		case OPT_FORK: o->fork_child = true; break;
@@ -298,13 +336,24 @@ static void parse_args(int argc, char **argv, struct opts *o)
 		case OPT_SRC: o->uffd_source = parse_choice(flag, optarg, srcs, 3); break;
 		case OPT_ZAP: o->zap_after_arm = true; break;
 		case OPT_VERIFY: o->verify = optarg ? parse_choice(flag, optarg, vms, 3) : V_STAMP; break;
-		case OPT_SEED: o->seed = parse_int_range(flag, optarg, 0, UINT64_MAX); break;
+		case OPT_SEED: o->seed = parse_int_range(flag, optarg, LIM_SEED_MIN, LIM_SEED_MAX); break;
 		case OPT_UNPROTECT: o->unprotect_all = parse_choice(flag, optarg, unprot, 2) == 0; break;
 		case OPT_RELEASE: o->release_chunks = parse_choice(flag, optarg, rel, 2) == 0; break;
-		case OPT_CORRUPT: o->corrupt = parse_int_range(flag, optarg, 1, UINT32_MAX); break;
-		case OPT_PROGRESS: o->progress_ms = (int)parse_int_range(flag, optarg, 10, 60000); break;
-		case OPT_STAGGER: o->stagger_ms = parse_real_range(flag, optarg, 0, 10000, false); break;
-		case OPT_ROUNDS: o->scan_rounds = (int)parse_int_range(flag, optarg, 1, 64); break;
+		case OPT_CORRUPT:
+			o->corrupt = parse_int_range(flag, optarg, LIM_CORRUPT_SNAPSHOT_MIN,
+						     LIM_CORRUPT_SNAPSHOT_MAX);
+			break;
+		case OPT_PROGRESS:
+			o->progress_ms = (int)parse_int_range(flag, optarg, LIM_PROGRESS_MS_MIN,
+							      LIM_PROGRESS_MS_MAX);
+			break;
+		case OPT_STAGGER:
+			o->stagger_ms = parse_real_range(flag, optarg, LIM_STAGGER_MS_MIN, LIM_STAGGER_MS_MAX);
+			break;
+		case OPT_ROUNDS:
+			o->scan_rounds = (int)parse_int_range(flag, optarg, LIM_SCAN_ROUNDS_MIN,
+							      LIM_SCAN_ROUNDS_MAX);
+			break;
 		case OPT_SELFTEST: exit(self_test()); break;
 		case OPT_HELP: usage(stdout); exit(0); break;
 		case ':':

@@ -189,9 +189,14 @@ int arm_all(struct coord *c, bool protect)
 
 	if (nthreads < 1)
 		nthreads = 1;
-	for (int t = 1; t < nthreads; t++)
-		if (pthread_create(&th[t], NULL, arm_worker, &job))
-			die_runtime("pthread_create failed while arming");
+	for (int t = 1; t < nthreads; t++) {
+		int ret = thread_create_nosig(&th[t], arm_worker, &job);
+
+		if (ret) {
+			errno = ret;
+			die_sys("pthread_create", "starting arming thread %d", t);
+		}
+	}
 	arm_worker(&job);
 	for (int t = 1; t < nthreads; t++)
 		pthread_join(th[t], NULL);
@@ -410,8 +415,12 @@ static void strategy_staggered(struct coord *c)
 			coord_check(c);
 			sched_yield();
 		}
-		if (o->stagger_ms > 0)
-			sleep_ns((uint64_t)(o->stagger_ms * 1e6));
+		/* in short naps: the deadline bounds the stagger too */
+		for (uint64_t end = now_ns() + (uint64_t)(o->stagger_ms * 1e6), t;
+		     (t = now_ns()) < end;) {
+			coord_check(c);
+			sleep_ns(end - t < 1000000 ? end - t : 1000000);
+		}
 		a0 = now_ns();
 		uffd_wp_or_die(p->uffd, p->base, c->size, true, false, "guest RAM (staggered)");
 		c->arm_ns += now_ns() - a0;

@@ -7,9 +7,12 @@
 #include <math.h>
 #include <pthread.h>
 #include <stdio.h>
+#include <stdatomic.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/syscall.h>
 #include <sys/utsname.h>
+#include <sys/wait.h>
 #include <time.h>
 #include <unistd.h>
 
@@ -17,6 +20,7 @@ const char *g_tool = "uffd-tool";
 static void (*g_cleanup)(void);
 static bool g_child;
 static pthread_mutex_t g_out_lock = PTHREAD_MUTEX_INITIALIZER;
+static _Atomic int g_exit_owner;     /* tid reporting the fatal error, 0: none */
 
 uint64_t now_ns(void)
 {
@@ -35,6 +39,75 @@ void sleep_ns(uint64_t ns)
 		;
 }
 
+int util_claim_exit(void)
+{
+	int me = (int)syscall(SYS_gettid);
+	int owner = 0;
+
+	if (atomic_compare_exchange_strong(&g_exit_owner, &owner, me))
+		return CLAIM_NEW;
+	return owner == me ? CLAIM_MINE : CLAIM_OTHER;
+}
+
+void util_fatal_sigset(sigset_t *set)
+{
+	sigemptyset(set);
+	sigaddset(set, SIGINT);
+	sigaddset(set, SIGTERM);
+	sigaddset(set, SIGHUP);
+}
+
+int thread_create_nosig(pthread_t *t, void *(*fn)(void *), void *arg)
+{
+	sigset_t fatal, old;
+	int ret;
+
+	util_fatal_sigset(&fatal);
+	sigaddset(&fatal, SIGALRM);
+	ret = pthread_sigmask(SIG_BLOCK, &fatal, &old);
+	if (ret)
+		return ret;
+	ret = pthread_create(t, NULL, fn, arg);
+	pthread_sigmask(SIG_SETMASK, &old, NULL);
+	return ret;
+}
+
+const char *signal_name(int sig)
+{
+	static const struct { int sig; const char *name; } names[] = {
+		{ SIGHUP, "SIGHUP" }, { SIGINT, "SIGINT" }, { SIGQUIT, "SIGQUIT" },
+		{ SIGILL, "SIGILL" }, { SIGTRAP, "SIGTRAP" }, { SIGABRT, "SIGABRT" },
+		{ SIGBUS, "SIGBUS" }, { SIGFPE, "SIGFPE" }, { SIGKILL, "SIGKILL" },
+		{ SIGUSR1, "SIGUSR1" }, { SIGSEGV, "SIGSEGV" }, { SIGUSR2, "SIGUSR2" },
+		{ SIGPIPE, "SIGPIPE" }, { SIGALRM, "SIGALRM" }, { SIGTERM, "SIGTERM" },
+		{ SIGCHLD, "SIGCHLD" }, { SIGCONT, "SIGCONT" }, { SIGSTOP, "SIGSTOP" },
+		{ SIGTSTP, "SIGTSTP" }, { SIGTTIN, "SIGTTIN" }, { SIGTTOU, "SIGTTOU" },
+		{ SIGURG, "SIGURG" }, { SIGXCPU, "SIGXCPU" }, { SIGXFSZ, "SIGXFSZ" },
+		{ SIGVTALRM, "SIGVTALRM" }, { SIGPROF, "SIGPROF" }, { SIGWINCH, "SIGWINCH" },
+		{ SIGIO, "SIGIO" }, { SIGPWR, "SIGPWR" }, { SIGSYS, "SIGSYS" },
+	};
+
+	for (size_t i = 0; i < sizeof(names) / sizeof(names[0]); i++)
+		if (names[i].sig == sig)
+			return names[i].name;
+	return NULL;
+}
+
+void describe_exit(int status, char *buf, size_t len)
+{
+	if (WIFSIGNALED(status)) {
+		int sig = WTERMSIG(status);
+		const char *name = signal_name(sig);
+
+		if (name)
+			snprintf(buf, len, "was killed by %s (signal %d)", name, sig);
+		else
+			snprintf(buf, len, "was killed by signal %d", sig);
+	} else {
+		snprintf(buf, len, "exited with status %d", WEXITSTATUS(status));
+	}
+}
+
 void util_set_cleanup(void (*fn)(void)) { g_cleanup = fn; }
 void util_set_child(bool child) { g_child = child; }
 bool util_is_child(void) { return g_child; }
@@ -45,6 +118,15 @@ void die_common(int code, const char *kind, const char *flag,
 		const char *feature, const char *min_kernel,
 		const char *detail, const char *msg)
 {
+	sigset_t fatal;
+
+	/* one error record: no signal report from this thread after it ... */
+	util_fatal_sigset(&fatal);
+	pthread_sigmask(SIG_BLOCK, &fatal, NULL);
+	/* ... nor from another thread: if one is reporting, it also exits */
+	if (util_claim_exit() == CLAIM_OTHER)
+		for (;;)
+			pause();
 	fprintf(stderr, "%s: %s\n", g_tool, msg);
 	if (!g_child) {
 		struct json j;
@@ -425,11 +507,17 @@ void j_null(struct json *j, const char *key)
 
 void json_emit(struct json *j)
 {
+	sigset_t fatal, old;
+
+	/* a signal report written mid-line would break the JSON Lines */
+	util_fatal_sigset(&fatal);
+	pthread_sigmask(SIG_BLOCK, &fatal, &old);
 	pthread_mutex_lock(&g_out_lock);
 	fwrite(j->buf ? j->buf : "", 1, j->len, stdout);
 	fputc('\n', stdout);
 	fflush(stdout);
 	pthread_mutex_unlock(&g_out_lock);
+	pthread_sigmask(SIG_SETMASK, &old, NULL);
 	j->len = 0;
 	j->depth = 0;
 	if (j->buf)

@@ -6,6 +6,8 @@
 #ifndef UFFDLAB_UTIL_H
 #define UFFDLAB_UTIL_H
 
+#include <pthread.h>
+#include <signal.h>
 #include <stdarg.h>
 #include <stdbool.h>
 #include <stddef.h>
@@ -37,6 +39,29 @@ extern const char *g_tool;
 void util_set_cleanup(void (*fn)(void));
 void util_set_child(bool child);
 bool util_is_child(void);
+
+/*
+ * One fatal report per process: the first thread (or signal handler) to
+ * claim the exit reports and exits.  Returns CLAIM_NEW for that first
+ * claim, CLAIM_MINE when this thread already holds it (a die from its own
+ * cleanup, a signal while it reports), CLAIM_OTHER when another thread
+ * does: leave the exit to it.  Async-signal-safe; die_*() claim it.
+ */
+enum { CLAIM_OTHER, CLAIM_MINE, CLAIM_NEW };
+int util_claim_exit(void);
+/* Signals whose handler reports a run's end: SIGINT, SIGTERM, SIGHUP.
+ * Blocked while an error or a JSON line is written.  SIGALRM, the last
+ * resort, is never blocked there. */
+void util_fatal_sigset(sigset_t *set);
+/* pthread_create() with those signals and SIGALRM blocked in the new
+ * thread, so only the main thread handles them.  Returns 0 or an error
+ * number. */
+int thread_create_nosig(pthread_t *t, void *(*fn)(void *), void *arg);
+/* "SIGTERM" for SIGTERM, NULL if unnamed.  Async-signal-safe. */
+const char *signal_name(int sig);
+/* How a child ended, for messages: "was killed by SIGTERM (signal 15)" or
+ * "exited with status 3". */
+void describe_exit(int status, char *buf, size_t len);
 
 __attribute__((noreturn, format(printf, 2, 3)))
 void die_usage(const char *flag, const char *fmt, ...);
@@ -112,6 +137,9 @@ void hist_json_summary(struct json *j, const char *key, const struct hist *h);
 void hist_json_buckets(struct json *j, const char *key, const struct hist *h);
 
 /* ---- misc ---- */
+#define STR_(x) #x
+#define STR(x) STR_(x)           /* a macro's value as a string literal */
+
 static inline uint64_t rng_next(uint64_t *s)   /* xorshift64* */
 {
 	uint64_t x = *s;

@@ -281,12 +281,15 @@ static uint32_t do_pause(struct wctx *w, struct wstats *st)
 /* Writer 0 watches its fork child: a dead child ends the run. */
 static void check_child(struct wctx *w)
 {
+	pid_t pid = w->child;
+	char how[96];
 	int status;
 
-	if (w->child > 0 && waitpid(w->child, &status, WNOHANG) == w->child) {
+	if (pid > 0 && waitpid(pid, &status, WNOHANG) == pid) {
 		errno = 0;
 		w->child = 0;
-		writer_fail(w, "fork child died (status 0x%x)", status);
+		describe_exit(status, how, sizeof(how));
+		writer_fail(w, "fork child (pid %d) %s", (int)pid, how);
 	}
 }
 
@@ -313,7 +316,8 @@ void writer_loop(struct wctx *w)
 	atomic_store(&s->state, SLOT_RUNNING);
 	epoch = atomic_load(&c->epoch);
 	if (w->o->rate > 0)
-		interval = (uint64_t)(1e9 * nwriters / w->o->rate);   /* rate is combined */
+		/* rate is combined, and >= LIM_RATE_MIN: at most 64e9 ns, no overflow */
+		interval = (uint64_t)(1e9 * nwriters / w->o->rate);
 	next = now_ns();
 
 	for (;;) {
@@ -442,6 +446,26 @@ static void writer_populate(int sock, struct hello *h, void *ram, size_t size,
 	h->pte_kb1 = proc_status_kb(0, "VmPTE");
 }
 
+/*
+ * Forked with the coordinator's handlers and the signals blocked: restore
+ * the default actions, so a writer that gets SIGINT/SIGTERM/SIGHUP (alone,
+ * or with its whole process group from a terminal) just dies, silently, and
+ * the coordinator, which reaps it, reports how.
+ */
+static void writer_signals(void)
+{
+	static const int sigs[] = { SIGINT, SIGTERM, SIGHUP, SIGALRM };
+	sigset_t fatal;
+
+	for (size_t i = 0; i < sizeof(sigs) / sizeof(sigs[0]); i++)
+		if (signal(sigs[i], SIG_DFL) == SIG_ERR)
+			_exit(EXIT_RUNTIME);
+	util_fatal_sigset(&fatal);
+	sigaddset(&fatal, SIGALRM);
+	if (sigprocmask(SIG_UNBLOCK, &fatal, NULL))
+		_exit(EXIT_RUNTIME);
+}
+
 static void die_with_parent(pid_t parent)
 {
 	prctl(PR_SET_PDEATHSIG, SIGKILL);
@@ -486,6 +510,7 @@ void writer_process(const struct opts *o, struct ctl *ctl, int id, int fd,
 			  .fd = fd, .pipefd = { -1, -1 } };
 	int uffd = -1;
 
+	writer_signals();
 	die_with_parent(coordinator);
 	util_set_child(true);
 	prctl(PR_SET_TIMERSLACK, 1UL);

@@ -8,8 +8,10 @@ copying, until the injected write has landed after the instant.
 from __future__ import annotations
 
 import json
+import math
 import os
 import platform
+import re
 import signal
 import subprocess
 import time
@@ -111,10 +113,14 @@ def test_probe_matches_what_runs(probe, run_snapshot):
 def test_consistent_under_load(run_snapshot, require, strategy, writers):
     if strategy == "uffd-wp":
         require("WP_HUGETLBFS_SHMEM")
-    run = run_snapshot("--strategy", strategy, "--writers", str(writers), "--size", "32M",
-                       "--rate", "max", "--duration", "0.4", "--verify")
-    s = run.summary
-    assert_consistent(s)
+    for _ in range(3):
+        run = run_snapshot("--strategy", strategy, "--writers", str(writers), "--size", "32M",
+                           "--rate", "max", "--duration", "0.4", "--verify")
+        s = run.summary
+        assert_consistent(s)
+        # on a busy host a lone writer may get no CPU during the few ms of copy
+        if strategy != "uffd-wp" or s["faults_total"] > 0:
+            break
     assert s["strategy"] == strategy
     assert s["pages"] == 32 * 256 and s["bytes"] == 32 << 20
     assert len(s["faults_per_process"]) == writers
@@ -275,6 +281,169 @@ def test_usage_message_names_value_and_expectation(run_snapshot):
     assert "'0'" in run.stderr and "1 to 64" in run.stderr
 
 
+@pytest.mark.parametrize("rate", ["1e-300", "0", "0.5", "-1", "inf", "nan", "1e10"])
+def test_rate_outside_limits_refused(run_snapshot, rate):
+    run = run_snapshot("--rate", rate, "--duration", "0.2")
+    assert run.rc == 1, run.describe()
+    assert run.error["flag"] == "--rate"
+    msg = run.error["message"]
+    assert f"'{rate}'" in msg and "max" in msg and "1 to 1e9" in msg
+    assert not run.of_type("config")
+
+
+def test_slowest_rate_is_honoured(run_snapshot, require):
+    require("WP_HUGETLBFS_SHMEM")
+    run = run_snapshot("--rate", "1", "--duration", "0.3")
+    assert run.config["rate"] == 1
+    # one write at the start, the next one due after a second: not millions
+    assert 1 <= run.summary["writer_ops_total"] <= 2
+
+
+def test_stagger_that_cannot_fit_the_timeout_is_refused(run_snapshot):
+    run = run_snapshot("--strategy", "uffd-wp-staggered", "--writers", "2",
+                       "--stagger-ms", "10000", "--timeout", "3")
+    assert run.rc == 1, run.describe()
+    assert run.error["flag"] == "--timeout"
+    assert "--stagger-ms 10000" in run.error["message"] and "--timeout" in run.error["message"]
+    # the same flags are fine where nothing staggers
+    run = run_snapshot("--strategy", "stop-the-world", "--stagger-ms", "10000", "--timeout", "3",
+                       "--duration", "0.2", "--rate", "1000")
+    assert run.rc == 0, run.describe()
+
+
+def test_default_timeout_covers_the_stagger(run_snapshot, require):
+    require("WP_HUGETLBFS_SHMEM")
+    run = run_snapshot("--strategy", "uffd-wp-staggered", "--writers", "2", "--stagger-ms", "100",
+                       "--duration", "0.3", "--rate", "10000")
+    assert run.config["timeout_s"] == pytest.approx(0.3 + 2 * 0.1 + 60)
+    assert run.rc == 0, run.describe()
+
+
+def test_staggered_arming_honours_timeout(run_snapshot, require):
+    """--rate 1 shared by 2 writers: each writes every 2 s, so writer 0's first
+    write after the instant comes at ~2 s and the 1 s stagger after it spans
+    the deadline (2.5 s), which must end the run inside that sleep."""
+    require("WP_HUGETLBFS_SHMEM")
+    t0 = time.monotonic()
+    run = run_snapshot("--strategy", "uffd-wp-staggered", "--writers", "2", "--rate", "1",
+                       "--stagger-ms", "1000", "--duration", "0.2", "--timeout", "2.5")
+    wall = time.monotonic() - t0
+    assert run.rc == 3, run.describe()
+    assert "timed out" in run.error["message"] and "arming" in run.error["message"]
+    assert wall < 2.5 + 0.4, f"ran {wall:.2f} s with --timeout 2.5"
+
+
+def test_timeout_bounds_a_slow_setup(run_snapshot):
+    """Filling 2G takes longer than --timeout 0.1 + the 0.5 s alarm grace:
+    whichever check fires, the run ends within the bound, with one record."""
+    t0 = time.monotonic()
+    run = run_snapshot("--size", "2G", "--duration", "0.05", "--timeout", "0.1")
+    wall = time.monotonic() - t0
+    if run.rc == 1 and run.error["flag"] == "--size":
+        pytest.skip(run.error["message"])          # not enough memory here
+    assert run.rc == 3, run.describe()
+    assert re.search(r"timed out|hard timeout", run.error["message"])
+    assert wall < 0.1 + 0.5 + 0.5, f"ran {wall:.2f} s with --timeout 0.1"
+
+
+# ---- limits.h: one source for the parser and the host's pre-flight checks ----
+
+LIMIT_RE = re.compile(r"^#define\s+LIM_([A-Z0-9_]+)_(MIN|MAX)\s+(\S+)", re.M)
+# name -> (flag, value format, integer?)
+LIMIT_FLAGS = {
+    "DURATION": ("--duration", "{}", False),
+    "RATE": ("--rate", "{}", False),
+    "TIMEOUT": ("--timeout", "{}", False),
+    "WARMUP": ("--warmup", "{}", False),
+    "WRITERS": ("--writers", "{}", True),
+    "UNREGISTERED": ("--unregistered", "{}", True),
+    "STAGGER_MS": ("--stagger-ms", "{}", False),
+    "HOT_FRACTION": ("--pattern", "hot:{}", False),
+    "SEED": ("--seed", "{}", True),
+    "CORRUPT_SNAPSHOT": ("--corrupt-snapshot", "{}", True),
+    "PROGRESS_MS": ("--progress-ms", "{}", True),
+    "SCAN_ROUNDS": ("--scan-rounds", "{}", True),
+    "SIZE_PAGES": ("--size", None, True),       # checked after parsing: own test
+}
+
+
+def read_limits() -> dict[str, dict[str, str]]:
+    limits: dict[str, dict[str, str]] = {}
+    for name, end, value in LIMIT_RE.findall((TOOLS / "src" / "limits.h").read_text()):
+        assert end not in limits.setdefault(name, {}), f"LIM_{name}_{end} defined twice"
+        limits[name][end] = value
+    return limits
+
+
+def test_limits_file_is_plain_literals():
+    limits = read_limits()
+    assert set(limits) == set(LIMIT_FLAGS)
+    expected = {"DURATION": ("0.05", "86400"), "RATE": ("1", "1e9"), "TIMEOUT": ("0.1", "86400"),
+                "WRITERS": ("1", "64"), "STAGGER_MS": ("0", "10000"), "HOT_FRACTION": ("0", "1"),
+                "SEED": ("0", "2147483647")}
+    for name, (lo, hi) in expected.items():
+        assert (limits[name]["MIN"], limits[name]["MAX"]) == (lo, hi), name
+    for name, ends in limits.items():
+        assert set(ends) == {"MIN", "MAX"}, name
+        for value in ends.values():
+            assert re.fullmatch(r"[0-9]+(\.[0-9]+)?(e[0-9]+)?", value), (name, value)
+            assert float(value) >= 0
+        assert float(ends["MIN"]) < float(ends["MAX"])
+        if LIMIT_FLAGS[name][2]:
+            assert int(ends["MIN"]) >= 0 and "." not in ends["MAX"] + ends["MIN"]
+
+
+def beyond(value: str, integer: bool, direction: int) -> str:
+    """A well-formed number just outside the limit `value`."""
+    if integer:
+        return str(int(value) + direction)
+    x = float(value)
+    step = max(abs(x) * 1e-6, 1e-6)
+    return repr(x + direction * step)
+
+
+@pytest.mark.parametrize("name", sorted(set(LIMIT_FLAGS) - {"SIZE_PAGES"}))
+def test_parser_enforces_limits_h(run_snapshot, name):
+    """At each limit the value parses (the run then fails on a later unknown
+    flag instead); just outside it, the flag is refused."""
+    flag, fmt, integer = LIMIT_FLAGS[name]
+    lim = read_limits()[name]
+    exclusive_min = name == "HOT_FRACTION"
+    accepted = [lim["MAX"]] + ([beyond(lim["MIN"], integer, +1)] if exclusive_min else [lim["MIN"]])
+    refused = [beyond(lim["MIN"], integer, -1), beyond(lim["MAX"], integer, +1)]
+    if exclusive_min:
+        refused.append(lim["MIN"])
+    for value in accepted:
+        run = run_snapshot(flag, fmt.format(value), "--no-such-flag")
+        assert run.rc == 1 and run.error["flag"] == "--no-such-flag", run.describe()
+    for value in refused:
+        run = run_snapshot(flag, fmt.format(value), "--no-such-flag")
+        assert run.rc == 1 and run.error["flag"] == flag, run.describe()
+        assert f"'{fmt.format(value)}'" in run.error["message"]
+
+
+def test_duration_minimum_from_limits_h(run_snapshot, require):
+    require("WP_HUGETLBFS_SHMEM")
+    lo = read_limits()["DURATION"]["MIN"]
+    below = repr(math.nextafter(float(lo), 0))
+    run = run_snapshot("--duration", below, "--rate", "1000")
+    assert run.rc == 1 and run.error["flag"] == "--duration", run.describe()
+    run = run_snapshot("--duration", lo, "--rate", "1000")
+    assert run.summary["writer_ops_total"] > 0
+    assert run.config["duration_s"] == float(lo)
+
+
+def test_size_minimum_from_limits_h(run_snapshot):
+    pages = int(read_limits()["SIZE_PAGES"]["MIN"])
+    psz = os.sysconf("SC_PAGESIZE")
+    run = run_snapshot("--size", str((pages - 1) * psz), "--strategy", "stop-the-world")
+    assert run.rc == 1 and run.error["flag"] == "--size", run.describe()
+    assert f"at least {pages} pages" in run.error["message"]
+    run = run_snapshot("--size", str(pages * psz), "--strategy", "stop-the-world",
+                       "--duration", "0.2", "--rate", "1000", "--verify")
+    assert run.summary["pages"] == pages
+
+
 def test_timeout_ends_the_run(run_snapshot):
     run = run_snapshot("--size", "256M", "--duration", "2", "--timeout", "2.01", "--rate", "1000")
     assert run.rc == 3, run.describe()
@@ -283,9 +452,9 @@ def test_timeout_ends_the_run(run_snapshot):
 
 # ---- robustness: processes never outlive a failure ----
 
-def start_snapshot(tools: Path, *args: str) -> tuple[subprocess.Popen, dict]:
+def start_snapshot(tools: Path, *args: str, **popen) -> tuple[subprocess.Popen, dict]:
     proc = subprocess.Popen([str(tools / "uffd-snapshot"), "--size", "16M", *args],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, **popen)
     line = proc.stdout.readline()
     assert line, proc.stderr.read()
     return proc, json.loads(line)
@@ -315,9 +484,8 @@ def test_killed_writer_is_reported_and_run_ends(tools, require):
     assert proc.returncode == 3
     errors = [r for r in parse_lines(out) if r["type"] == "error"]
     assert len(errors) == 1
-    assert f"writer 1 (pid {victim}) died" in errors[0]["message"]
-    assert "signal 9" in errors[0]["message"]
-    assert "died" in err
+    assert f"writer 1 (pid {victim}) was killed by SIGKILL (signal 9)" in errors[0]["message"]
+    assert "was killed by SIGKILL" in err
     assert wait_dead(config["writer_pids"]) == []
 
 
@@ -328,7 +496,43 @@ def test_terminated_coordinator_kills_writers(tools, require):
     proc.terminate()
     out, _ = proc.communicate(timeout=10)
     assert proc.returncode == 3
-    assert parse_lines(out)[-1]["type"] == "error"
+    records = parse_lines(out)
+    assert records[-1]["type"] == "error"
+    assert [r["type"] for r in records].count("error") == 1
+    assert records[-1]["message"].startswith("coordinator interrupted by SIGTERM")
+    assert wait_dead(config["writer_pids"]) == []
+
+
+def test_sigint_to_process_group_gives_one_error(tools, require):
+    """Ctrl-C: the terminal sends SIGINT to the coordinator and every writer at
+    once; writers die silently and the coordinator alone reports."""
+    require("WP_HUGETLBFS_SHMEM")
+    proc, config = start_snapshot(tools, "--writers", "3", "--fork-child", "--rate", "20000",
+                                  "--duration", "30", start_new_session=True)
+    time.sleep(0.3)
+    os.killpg(proc.pid, signal.SIGINT)
+    out, err = proc.communicate(timeout=10)
+    assert proc.returncode == 3, out + err
+    errors = [r for r in parse_lines(out) if r["type"] == "error"]
+    assert len(errors) == 1, out
+    assert errors[0]["exit_code"] == 3
+    assert "interrupted by SIGINT" in errors[0]["message"]
+    assert err.count("uffd-snapshot") == 1, err     # no writer said anything either
+    assert wait_dead(config["writer_pids"] + [config["fork_child_pid"]]) == []
+
+
+def test_writer_killed_by_sigterm_is_named(tools, require):
+    require("WP_HUGETLBFS_SHMEM")
+    proc, config = start_snapshot(tools, "--writers", "3", "--rate", "20000", "--duration", "30")
+    victim = config["writer_pids"][2]
+    time.sleep(0.3)
+    os.kill(victim, signal.SIGTERM)
+    out, err = proc.communicate(timeout=10)
+    assert proc.returncode == 3
+    errors = [r for r in parse_lines(out) if r["type"] == "error"]
+    assert len(errors) == 1, out
+    assert f"writer 2 (pid {victim}) was killed by SIGTERM" in errors[0]["message"]
+    assert "coordinator" not in errors[0]["message"]
     assert wait_dead(config["writer_pids"]) == []
 
 

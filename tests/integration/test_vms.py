@@ -105,7 +105,8 @@ def test_kill_9_mid_boot_leaves_nothing(session_dir, victim):
                            cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
                            text=True)
     try:
-        _wait_for(lambda: _qemu_running(path, "t-kill"), 60, "QEMU to start")
+        _wait_for(lambda: _qemu_running(path, "t-kill") and vm.state() is not None, 60,
+                  "QEMU to start")
         assert (vm.dir / "overlay.qcow2").exists()
         st = vm.state()
         target = {"cli": cli.pid, "keeper": st.keeper_pid, "qemu": st.qemu_pid}[victim]
