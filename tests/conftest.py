@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import concurrent.futures
 import os
+import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -91,3 +93,35 @@ def trixie_vm(running_vms):
 @pytest.fixture(scope="session")
 def bookworm_vm(running_vms):
     return running_vms["bookworm"]
+
+
+def wait_for(cond, seconds: float, what: str) -> None:
+    deadline = time.monotonic() + seconds
+    while not cond():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting for {what}")
+        time.sleep(0.2)
+
+
+def run_and_strike(vm, strike, scenario: str = "S3", params: dict | None = None):
+    """run_and_store with `strike()` called from another thread once the run
+    reports progress (the snapshot is under way). Returns (result, whether
+    the strike happened)."""
+    from uffdlab.api import run_and_store
+    started = threading.Event()
+    listener = vm.listener
+
+    def watch(ev):
+        if ev.kind == "progress":
+            started.set()
+        listener(ev)
+
+    striker = threading.Thread(target=lambda: started.wait(120) and strike())
+    vm.listener = watch
+    striker.start()
+    try:
+        res = run_and_store(vm, scenario, params or {"size": "16M", "duration": 30})
+    finally:
+        vm.listener = listener
+        striker.join()
+    return res, started.is_set()

@@ -735,23 +735,29 @@ def _fsync_dir(d: Path) -> None:
         os.close(fd)
 
 
-def _write_atomic(path: Path, text: str) -> None:
-    """tmp + fsync + rename + fsync of the directory: the file is whole or absent."""
+def _write_atomic(path: Path, text: str, durable: bool = True) -> None:
+    """tmp + rename: the file is whole or absent. `durable` adds the fsyncs
+    that make it survive a power cut, not only a killed process."""
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
         with os.fdopen(fd, "w", encoding="utf-8") as f:
             f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
+            if durable:
+                f.flush()
+                os.fsync(f.fileno())
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
-    _fsync_dir(path.parent)
+    if durable:
+        _fsync_dir(path.parent)
 
 
-def spool_run(db_path: str | os.PathLike, result: Any, reason: str = "") -> Path:
-    """Write one run (validated as for store()) to the spool; returns the file."""
+def spool_run(db_path: str | os.PathLike, result: Any, reason: str = "",
+              durable: bool = True) -> Path:
+    """Write one run (validated as for store()) to the spool; returns the file.
+    A write-ahead copy (durable=False) guards against a killed process only:
+    the database's own commit is what survives a power cut."""
     fields = _as_fields(result)
     _rows_for(fields)
     d = spool_dir(db_path)
@@ -759,7 +765,7 @@ def spool_run(db_path: str | os.PathLike, result: Any, reason: str = "") -> Path
     path = d / _spool_name(fields["run_id"])
     doc = {"format": _SPOOL_FORMAT, "version": 1, "db": str(db_path), "reason": reason,
            "spooled_at": time.time(), "run": _clean(fields)}
-    _write_atomic(path, json.dumps(doc, allow_nan=False, default=str))
+    _write_atomic(path, json.dumps(doc, allow_nan=False, default=str), durable)
     return path
 
 
@@ -830,7 +836,8 @@ def store_run(db_path: Path, result: Any) -> StoreOutcome:
     run_id = fields["run_id"]
     db_path = Path(db_path).expanduser()
     try:
-        ahead: Path | None = spool_run(db_path, fields, "stored next (write-ahead copy)")
+        ahead: Path | None = spool_run(db_path, fields, "stored next (write-ahead copy)",
+                                       durable=False)
     except Exception:
         ahead = None                   # the database may still take it
     try:

@@ -10,19 +10,24 @@ import signal
 import subprocess
 import sys
 import threading
-import time
 from pathlib import Path
 
 import pytest
 
-from tests.conftest import REPO, SHARED
+from tests.conftest import REPO, SHARED, run_and_strike, wait_for
 from uffdlab.api import run_and_store
 from uffdlab.cli import main as cli
 from uffdlab.provision import SCRATCH_PREFIX, provision
 from uffdlab.results import ResultsDB
 
 pytestmark = pytest.mark.integration
-TOOL = "bin/uffd-snapshot"
+
+
+def tool_pattern(vm) -> str:
+    """pgrep's pattern for uffd-snapshot itself: anchored at the start of the
+    command line, so the runner's `bash -c '... | tee'` wrapper and pgrep's
+    own shell do not match."""
+    return f"^{vm.lab.provision.tools_dir}/bin/uffd-snapshot "
 
 
 def start_cli(lab, *args: str, env: dict | None = None) -> subprocess.Popen:
@@ -50,46 +55,24 @@ def kill_when(proc: subprocess.Popen, marker: str, seconds: float = 300) -> str:
 
 
 def guest_tools_running(vm) -> str:
-    return vm.shared_session().run(f"pgrep -af {TOOL} || true", timeout=30).stdout.strip()
-
-
-def wait_until(cond, seconds: float, what: str) -> None:
-    deadline = time.monotonic() + seconds
-    while not cond():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        time.sleep(0.5)
+    return vm.shared_session().run(f"pgrep -af '{tool_pattern(vm)}' || true",
+                                   timeout=30).stdout.strip()
 
 
 def test_coordinator_killed_mid_run_is_a_failed_run(provisioned, trixie_vm):
     """The guest's coordinator dies by SIGKILL: the run is stored as failed,
     and its writers do not outlive it."""
-    started = threading.Event()
-    listener = trixie_vm.listener
-
-    def watch(ev):
-        if ev.kind == "progress":
-            started.set()
-        listener(ev)
-
     def kill_coordinator():
-        if started.wait(120):
-            with trixie_vm.session() as s:          # the oldest one is the coordinator
-                s.run(f"pkill -KILL -o -f {TOOL}", timeout=30)
+        with trixie_vm.session() as s:              # the oldest one is the coordinator
+            s.run(f"pkill -KILL -o -f '{tool_pattern(trixie_vm)}'", timeout=30, check=True)
 
-    trixie_vm.listener = watch
-    killer = threading.Thread(target=kill_coordinator)
-    killer.start()
-    try:
-        res = run_and_store(trixie_vm, "S3", {"size": "16M", "duration": 20})
-    finally:
-        trixie_vm.listener = listener
-        killer.join()
-    assert started.is_set()
+    res, struck = run_and_strike(trixie_vm, kill_coordinator, params={"size": "16M",
+                                                                      "duration": 20})
+    assert struck
     assert res.status == "failed" and res.error
     with ResultsDB(trixie_vm.lab.results_path) as db:
         assert db.get(res.run_id)["status"] == "failed"
-    wait_until(lambda: not guest_tools_running(trixie_vm), 30, "the writers to go")
+    wait_for(lambda: not guest_tools_running(trixie_vm), 30, "the writers to go")
     assert trixie_vm.state().ssh_ready
 
 
@@ -98,7 +81,7 @@ def test_cli_killed_mid_provision_leaves_the_vm_usable(provisioned, trixie_vm, t
     kill_when(proc, "task")
     assert trixie_vm.state() is not None            # a running VM is not the CLI's to stop
     # its Ansible finishes on its own; then the next provisioning cleans its scratch
-    wait_until(lambda: subprocess.run(["pgrep", "-f", "ansible-playbook"],
+    wait_for(lambda: subprocess.run(["pgrep", "-f", "ansible-playbook"],
                                       capture_output=True).returncode != 0, 120,
                "the orphaned ansible-playbook to finish")
     again = provision(trixie_vm)
@@ -112,7 +95,7 @@ def test_cli_killed_mid_run_leaves_the_vm_usable(provisioned, trixie_vm, test_la
                      "--param", "size=16M", "--param", "duration=20")
     kill_when(proc, "pages")                        # a progress line: the run is under way
     # the guest's tool loses its output pipe and ends; the VM runs on
-    wait_until(lambda: not guest_tools_running(trixie_vm), 60, "the guest tool to end")
+    wait_for(lambda: not guest_tools_running(trixie_vm), 60, "the guest tool to end")
     assert run_and_store(trixie_vm, "S1", {"size": "16M", "duration": 0.5}).status == "ok"
 
 

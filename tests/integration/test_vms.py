@@ -12,7 +12,7 @@ import time
 import paramiko
 import pytest
 
-from tests.conftest import REPO, write_lab
+from tests.conftest import REPO, wait_for, write_lab
 from uffdlab.config import load_lab
 from uffdlab.images import ImageError, ImageStore
 from uffdlab.ssh import Session
@@ -105,15 +105,15 @@ def test_kill_9_mid_boot_leaves_nothing(session_dir, victim):
                            cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
                            text=True)
     try:
-        _wait_for(lambda: _qemu_running(path, "t-kill") and vm.state() is not None, 60,
+        wait_for(lambda: _qemu_running(path, "t-kill") and vm.state() is not None, 60,
                   "QEMU to start")
         assert (vm.dir / "overlay.qcow2").exists()
         st = vm.state()
         target = {"cli": cli.pid, "keeper": st.keeper_pid, "qemu": st.qemu_pid}[victim]
         os.kill(target, signal.SIGKILL)
         err = cli.communicate(timeout=60)[1] if victim != "cli" else ""
-        _wait_for(lambda: not _qemu_running(path, "t-kill"), 30, "QEMU to stop")
-        _wait_for(lambda: not vm.dir.exists(), 15, "the VM directory to go")
+        wait_for(lambda: not _qemu_running(path, "t-kill"), 30, "QEMU to stop")
+        wait_for(lambda: not vm.dir.exists(), 15, "the VM directory to go")
     finally:
         if cli.poll() is None:
             cli.kill()
@@ -133,7 +133,7 @@ def test_down_all_cleans_up_a_vm_whose_keeper_was_killed(session_dir, running_vm
     vm = VM(lab, "t-sweep")
     st = vm.up()
     os.kill(st.keeper_pid, signal.SIGKILL)             # QEMU dies with it (PDEATHSIG)
-    _wait_for(lambda: not st.qemu_id.alive(), 10, "QEMU to follow its keeper")
+    wait_for(lambda: not st.qemu_id.alive(), 10, "QEMU to follow its keeper")
     assert (vm.dir / "overlay.qcow2").exists()         # nobody was left to clean
     from uffdlab.cli import main
     assert main(["--lab", str(path), "down", "--all"]) == 0
@@ -148,11 +148,3 @@ def _qemu_running(lab_path, vm_name: str) -> bool:
     out = subprocess.run(["pgrep", "-f", "--", f"unix:{qmp},"],
                          capture_output=True, text=True).stdout
     return bool(out.strip())
-
-
-def _wait_for(cond, seconds: float, what: str) -> None:
-    deadline = time.monotonic() + seconds
-    while not cond():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        time.sleep(0.2)

@@ -2,14 +2,11 @@
 the trixie one mid-run and the keeper of the bookworm one mid-provision."""
 from __future__ import annotations
 
-import os
-import signal
-import threading
 import time
 
 import pytest
 
-from uffdlab.api import run_and_store
+from tests.conftest import run_and_strike
 from uffdlab.results import ResultsDB
 from uffdlab.provision import ProvisionError, provision
 
@@ -19,24 +16,8 @@ pytestmark = pytest.mark.integration
 def test_qemu_killed_mid_run_is_a_failed_run_and_leaks_nothing(provisioned, trixie_vm):
     st = trixie_vm.state()
     assert st is not None and st.ssh_ready          # still the session's VM
-    started = threading.Event()
-    listener = trixie_vm.listener
-
-    def watch(ev):
-        if ev.kind == "progress":
-            started.set()
-        listener(ev)
-
-    trixie_vm.listener = watch
-    killer = threading.Thread(target=lambda: started.wait(120) and
-                              os.kill(st.qemu_pid, signal.SIGKILL))
-    killer.start()
-    try:
-        res = run_and_store(trixie_vm, "S3", {"size": "16M", "duration": 30})
-    finally:
-        trixie_vm.listener = listener
-        killer.join()
-    assert started.is_set()
+    res, struck = run_and_strike(trixie_vm, st.qemu_id.kill)
+    assert struck
     assert res.status == "failed"
     assert res.error                                      # says what broke
     with ResultsDB(trixie_vm.lab.results_path) as db:

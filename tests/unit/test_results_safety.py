@@ -168,8 +168,9 @@ def test_spool_write_failure_after_store_failure(db_path, monkeypatch):
     def full(self, result, **kw):
         raise sqlite3.OperationalError("database or disk is full")
     monkeypatch.setattr(ResultsDB, "store", full)
-    monkeypatch.setattr(results, "_write_atomic", lambda p, t: (_ for _ in ()).throw(
-        OSError(28, "No space left on device")))
+    def no_space(path, text, durable=True):
+        raise OSError(28, "No space left on device")
+    monkeypatch.setattr(results, "_write_atomic", no_space)
     with pytest.raises(RunNotStoredError, match=r"run r9 could not be stored nor spooled: "
                        r".*database or disk is full; spooling to .*No space left on device"):
         store_run(db_path, make_result("r9"))
