@@ -17,6 +17,8 @@ from pydantic import (AfterValidator, BaseModel, BeforeValidator, ConfigDict,
                       Field, PrivateAttr, Strict, ValidationError, ValidationInfo,
                       field_validator, model_validator)
 
+from .paths import default_lab_file
+
 DEFAULT_KERNEL_PACKAGE = "linux-image-cloud-amd64"
 MAX_DISK = 16 << 40
 MAX_BOOT_TIMEOUT = 86400
@@ -573,7 +575,7 @@ def _describe(err: dict, label: str, lines: dict[tuple, int]) -> str:
 
 def load_lab(path: str | os.PathLike | None = None) -> Lab:
     """Read and validate a lab file; raises ConfigError listing every problem."""
-    path = Path(path or os.environ.get("UFFDLAB_LAB") or "lab.yml")
+    path = Path(path) if path else default_lab_file()
     data, lines = parse_yaml(read_text(path, str(path)), str(path))
     return _validate(data, path, lines)
 

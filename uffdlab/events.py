@@ -6,14 +6,12 @@ import time
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
-# The kinds a VM goes through, in order; 'progress' and 'task' repeat.
-KINDS = ("building", "booting", "accel", "ssh-ready", "provisioning", "task",
-         "running", "progress", "stored", "stopped", "failed", "info")
+from .model import Kind
 
 
 @dataclass(frozen=True)
 class Event:
-    kind: str
+    kind: Kind              # what the data carries is documented with each Kind
     subject: str            # a VM or image name
     message: str = ""
     data: dict[str, Any] = field(default_factory=dict)
@@ -38,5 +36,5 @@ class Emitter:
         self.subject = subject
         self.listener: Listener = listener or ignore
 
-    def emit(self, kind: str, message: str = "", **data: Any) -> None:
-        self.listener(Event(kind, self.subject, message, data))
+    def emit(self, kind: Kind, message: str = "", **data: Any) -> None:
+        self.listener(Event(Kind(kind), self.subject, message, data))

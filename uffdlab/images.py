@@ -22,8 +22,8 @@ from pathlib import Path
 from .config import ConfigError, ImageSpec, Lab, check_cache_dir, format_size
 from .events import Emitter, Listener
 from .keys import LabKeys
-
-IMAGES_DIR = Path(__file__).resolve().parent.parent / "images"
+from .model import Kind
+from .paths import IMAGES as IMAGES_DIR
 CUSTOMIZE = IMAGES_DIR / "customize.sh"
 # Bump when the way images are built changes, so caches rebuild.
 RECIPE_VERSION = 1
@@ -204,9 +204,9 @@ class ImageStore:
             argv = mmdebstrap_argv(rec, scratch, self.keys.public_path, hostkey)
             env = {**os.environ,
                    **mmdebstrap_env(rec, scratch, self.keys.public_path, hostkey)}
-            ev.emit("building", f"mmdebstrap {rec['suite']} with {rec['kernel_package']}")
+            ev.emit(Kind.BUILDING, f"mmdebstrap {rec['suite']} with {rec['kernel_package']}")
             self._mmdebstrap(argv, scratch / "build.log", ev, env)
-            ev.emit("building", "converting to qcow2")
+            ev.emit(Kind.BUILDING, "converting to qcow2")
             _run(["qemu-img", "convert", "-O", "qcow2", str(scratch / "rootfs.raw"),
                   str(scratch / "base.qcow2")], "qemu-img convert")
             (scratch / "rootfs.raw").unlink()
@@ -227,7 +227,7 @@ class ImageStore:
         except BaseException:
             shutil.rmtree(scratch, ignore_errors=True)
             raise
-        ev.emit("building", f"done in {meta['build_seconds']} s, kernel "
+        ev.emit(Kind.BUILDING, f"done in {meta['build_seconds']} s, kernel "
                 f"{meta['kernel_release']}, {format_size_mb(meta['size'])}",
                 seconds=meta["build_seconds"])
 
@@ -245,7 +245,7 @@ class ImageStore:
                     logf.write(line)
                     tail = (tail + [line.rstrip()])[-30:]
                     if line.startswith("I: "):   # mmdebstrap's own step messages
-                        ev.emit("building", line[3:].strip())
+                        ev.emit(Kind.BUILDING, line[3:].strip())
                 proc.wait()
             finally:
                 if proc.poll() is None:

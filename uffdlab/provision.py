@@ -20,12 +20,11 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from .model import Kind
 from .owned import ProcessId
+from .paths import GUEST_TOOLS, PLAYBOOKS, REPO
 from .vm import VM, VMError
 
-REPO = Path(__file__).resolve().parent.parent
-PLAYBOOKS = REPO / "playbooks"
-GUEST_TOOLS = REPO / "guest-tools"
 # Only sources travel to the guest; it builds them against its own headers.
 SOURCE_GLOBS = ("Makefile", "README.md", "src/*.c", "src/*.h")
 
@@ -104,7 +103,7 @@ def provision(vm: VM, playbook: str = "provision.yml") -> ProvisionResult:
     import ansible_runner
 
     started = time.monotonic()
-    vm.emit("provisioning", f"{playbook} on {vm.name}")
+    vm.emit(Kind.PROVISIONING, f"{playbook} on {vm.name}")
     _wait_for_sshd(vm)
     events = _EventCollector(vm)
     # A short private path: ssh control sockets must fit in 108 bytes. Its
@@ -145,7 +144,7 @@ def provision(vm: VM, playbook: str = "provision.yml") -> ProvisionResult:
                            "tools_version": version, "provisioned_at": time.time()})
     res = ProvisionResult(vm.name, events.ok, len(events.changed), events.changed,
                           events.probe, version, round(time.monotonic() - started, 1))
-    vm.emit("provisioning", f"done in {res.seconds} s: {res.ok} ok, {res.changed} changed",
+    vm.emit(Kind.PROVISIONING, f"done in {res.seconds} s: {res.ok} ok, {res.changed} changed",
             changed=res.changed, seconds=res.seconds)
     return res
 
@@ -220,9 +219,9 @@ class _EventCollector:
                 self.changed.append(task)
             if "uffd_probe" in res.get("ansible_facts", {}):
                 self.probe = res["ansible_facts"]["uffd_probe"]
-            self.vm.emit("task", f"{state}: {task}", task=task, host=host, state=state)
+            self.vm.emit(Kind.TASK, f"{state}: {task}", task=task, host=host, state=state)
         elif kind == "runner_on_skipped":
-            self.vm.emit("task", f"skipped: {task}", task=task, host=host, state="skipped")
+            self.vm.emit(Kind.TASK, f"skipped: {task}", task=task, host=host, state="skipped")
         elif kind in ("runner_on_failed", "runner_on_unreachable"):
             if kind == "runner_on_failed" and data.get("ignore_errors"):
                 return True
@@ -230,7 +229,7 @@ class _EventCollector:
             self.failure = (f"task '{task}' failed on {host}"
                             f"{' (unreachable)' if kind.endswith('unreachable') else ''}: "
                             f"{str(msg).strip()[-1500:]}")
-            self.vm.emit("task", f"failed: {task}", task=task, host=host, state="failed")
+            self.vm.emit(Kind.TASK, f"failed: {task}", task=task, host=host, state="failed")
         return True
 
 

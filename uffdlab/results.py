@@ -63,13 +63,14 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Iterable, Iterator, Mapping
 from urllib.parse import quote
 
-if TYPE_CHECKING:                      # runner pulls in SSH/Ansible; keep load() light
+from .model import RunResult, Status
+
+if TYPE_CHECKING:                      # pandas is imported only when frames are asked for
     import pandas as pd
 
     from .config import Lab
-    from .runner import RunResult
 
-STATUSES = ("ok", "inconsistent", "failed", "timeout")
+STATUSES = tuple(Status)
 
 # How long to wait for a database another process holds before giving up (read
 # at open time, so tests can shorten it).
@@ -659,13 +660,14 @@ class ResultsDB:
                 conn.execute("COMMIT")
         return d
 
-    def get_result(self, run_id: str) -> "RunResult":
+    def get_result(self, run_id: str) -> RunResult:
         """The stored run as a RunResult again."""
         from dataclasses import fields
 
-        from .runner import RunResult
         d = self.get(run_id)
-        return RunResult(**{f.name: d[f.name] for f in fields(RunResult) if f.name in d})
+        res = RunResult(**{f.name: d[f.name] for f in fields(RunResult) if f.name in d})
+        res.status = Status(res.status)
+        return res
 
     # -- lifetime --
     def close(self) -> None:

@@ -11,11 +11,12 @@ import shlex
 import tempfile
 import time
 import uuid
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from . import scenarios
+from .model import Kind, RunResult, Status
 from .provision import ensure_provisioned
 from .vm import VM
 
@@ -25,55 +26,12 @@ SLACK_SECONDS = 90.0
 
 
 @dataclass
-class RunResult:
-    """One scenario run with its provenance; what the results database keeps."""
-
-    run_id: str
-    started: float
-    lab: str
-    vm: str
-    image: str
-    image_key: str
-    kernel: str
-    accel: str
-    tools_version: str
-    scenario: str
-    scenario_name: str
-    params: dict[str, Any]
-    command: str
-    status: str = "failed"          # ok | inconsistent | failed | timeout
-    duration_s: float = 0.0
-    exit_code: int | None = None
-    error: str | None = None
-    expect_consistent: bool | None = None
-    config: dict | None = None
-    summary: dict | None = None
-    jsonl: str = ""                 # the raw JSON Lines
-    stderr: str = ""
-    serial_log: str | None = None   # kept for failed runs
-
-    @property
-    def consistent(self) -> bool | None:
-        return None if self.summary is None else self.summary.get("consistent")
-
-    @property
-    def as_expected(self) -> bool | None:
-        if self.consistent is None or self.expect_consistent is None:
-            return None
-        return self.consistent == self.expect_consistent
-
-    def to_dict(self) -> dict:
-        return asdict(self)
-
-
-@dataclass
 class Prepared:
     """A validated run, ready to execute on a provisioned VM."""
 
     scenario: scenarios.Scenario
     params: dict[str, Any]
     timeout: float
-    argv: list[str] = field(default_factory=list)
 
 
 def prepare(vm: VM, scenario_key: str, params: dict[str, Any] | None = None,
@@ -112,7 +70,7 @@ def execute(vm: VM, prep: Prepared, facts: dict) -> RunResult:
         tools_version=facts.get("tools_version", "unknown"), scenario=prep.scenario.id,
         scenario_name=prep.scenario.name, params=prep.params, command=cmd,
         expect_consistent=prep.scenario.expect_consistent)
-    vm.emit("running", f"{prep.scenario.id} ({prep.scenario.name}): {cmd}",
+    vm.emit(Kind.RUNNING, f"{prep.scenario.id} ({prep.scenario.name}): {cmd}",
             run_id=res.run_id)
     lines: list[str] = []
 
@@ -120,7 +78,7 @@ def execute(vm: VM, prep: Prepared, facts: dict) -> RunResult:
         lines.append(line)
         rec = _parse(line)
         if rec and rec.get("type") == "progress":
-            vm.emit("progress", f"{rec.get('phase', '')}: {rec.get('pages_copied', 0)}/"
+            vm.emit(Kind.PROGRESS, f"{rec.get('phase', '')}: {rec.get('pages_copied', 0)}/"
                     f"{rec.get('pages_total', 0)} pages, {rec.get('faults', 0)} faults",
                     done=rec.get("pages_copied", 0), total=rec.get("pages_total", 0),
                     faults=rec.get("faults", 0), phase=rec.get("phase"))
@@ -139,15 +97,15 @@ def execute(vm: VM, prep: Prepared, facts: dict) -> RunResult:
         _finish(res, lines)
     except TimeoutError as e:
         vm.drop_session()
-        res.status, res.error = "timeout", str(e)
+        res.status, res.error = Status.TIMEOUT, str(e)
     except Exception as e:                   # VM died, SSH broke: a failed run
         vm.drop_session()
-        res.status, res.error = "failed", f"{type(e).__name__}: {e}"
+        res.status, res.error = Status.FAILED, f"{type(e).__name__}: {e}"
     res.duration_s = round(time.monotonic() - t0, 3)
     res.jsonl = "\n".join(lines)
-    if res.status in ("failed", "timeout"):
+    if not res.status.ran:
         res.serial_log = vm.serial_tail(200)
-    vm.emit("running", f"{res.scenario}: {res.status} in {res.duration_s:.1f} s",
+    vm.emit(Kind.RUNNING, f"{res.scenario}: {res.status} in {res.duration_s:.1f} s",
             status=res.status, run_id=res.run_id)
     return res
 
@@ -169,11 +127,12 @@ def _finish(res: RunResult, lines: list[str]) -> None:
     res.summary = next((r for r in records if r.get("type") == "summary"), None)
     error = next((r for r in records if r.get("type") == "error"), None)
     if res.exit_code == 0 and res.summary is not None:
-        res.status = "inconsistent" if res.summary.get("consistent") is False else "ok"
+        res.status = Status.INCONSISTENT if res.summary.get("consistent") is False \
+            else Status.OK
         return
     message = (error or {}).get("message") or res.stderr.strip() or "no summary record"
     timed_out = res.exit_code == 3 and ("timed out" in message or "timeout" in message)
-    res.status = "timeout" if timed_out else "failed"
+    res.status = Status.TIMEOUT if timed_out else Status.FAILED
     res.error = f"uffd-snapshot exited {res.exit_code}: {message}"
 
 

@@ -12,14 +12,74 @@ from pathlib import Path
 from typing import Any, Callable
 
 from .config import format_size, parse_size
+from .paths import FEATURES_H, LIMITS_H
 
 # The guest tool's own option limits: one source for C and for the checks
 # made here before anything boots.
-LIMITS_H = Path(__file__).resolve().parent.parent / "guest-tools" / "src" / "limits.h"
 
 
 class ScenarioError(ValueError):
     pass
+
+
+class MissingFeature(ScenarioError):
+    """The guest kernel lacks something a run needs, found before it runs."""
+
+    def __init__(self, scenario: str, feature: str, first_kernel: str, kernel: str):
+        self.scenario, self.feature = scenario, feature
+        self.first_kernel, self.kernel = first_kernel, kernel
+        super().__init__(f"{scenario}: the guest kernel {kernel} lacks {feature} "
+                         f"(first in Linux {first_kernel})")
+
+
+@functools.cache
+def first_kernels() -> dict[str, str]:
+    """Every uffd feature and capability the tools know, with the first Linux
+    release that has it: guest-tools/src/features.h, shared with the C side."""
+    return {m[1]: m[2] for m in re.finditer(r'X\((\w+),(?:\s*\w+,)?\s*"([\d.]+)"\)',
+                                            FEATURES_H.read_text())}
+
+
+def _version(v: str) -> tuple[int, ...]:
+    return tuple(int(x) for x in v.split("."))
+
+
+def needed_features(resolved: dict[str, Any]) -> frozenset[str]:
+    """What a run with these parameters needs from the kernel: uffd feature
+    bits by name, plus USER_MODE_ONLY, DEV_USERFAULTFD and PAGEMAP_SCAN.
+    uffd-snapshot --dry-run answers the same question from C; a contract
+    test holds the two together."""
+    if resolved["strategy"] == "stop-the-world":
+        return frozenset()                       # no userfaultfd at all
+    needs = {"devuserfaultfd": {"DEV_USERFAULTFD"},
+             "syscall-user-only": {"USER_MODE_ONLY"}}.get(
+        resolved.get("uffd_source", "syscall"), set())
+    if resolved["backing"] == "anon":
+        needs |= {"PAGEFAULT_FLAG_WP", "THREAD_ID"}
+        if resolved.get("prefill", "yes") == "no" and resolved["populate"] == "no":
+            needs.add("WP_UNPOPULATED")          # never-touched anonymous pages
+    else:
+        needs.add("WP_HUGETLBFS_SHMEM")          # PTE markers for shared memory
+    if resolved["strategy"] == "async-scan":
+        needs |= {"WP_ASYNC", "PAGEMAP_SCAN"}
+    return frozenset(needs)
+
+
+def min_kernel(resolved: dict[str, Any]) -> str:
+    """The first Linux release that has everything a run needs."""
+    firsts = [first_kernels()[f] for f in needed_features(resolved)]
+    return max(firsts, key=_version) if firsts else "any"
+
+
+# probe fields for the capabilities that are not feature bits
+_PROBE_CAPS = {"USER_MODE_ONLY": "user_mode_only", "DEV_USERFAULTFD": "dev_userfaultfd",
+               "PAGEMAP_SCAN": "pagemap_scan"}
+
+
+def has_feature(probe: dict, feature: str) -> bool:
+    if feature in _PROBE_CAPS:
+        return bool(probe.get(_PROBE_CAPS[feature]))
+    return bool(probe.get("features", {}).get(feature))
 
 
 @functools.cache
@@ -174,8 +234,6 @@ class Scenario:
     title: str
     flags: dict[str, Any]
     expect_consistent: bool | None      # on a correct kernel; None: it depends
-    min_kernel: str
-    needs: tuple[str, ...] = ()         # uffd features from the probe
     note: str = ""
     extra_params: tuple[str, ...] = field(default_factory=tuple)
 
@@ -192,46 +250,54 @@ class Scenario:
         d.update({k: v for k, v in self.flags.items() if k in self.params})
         return d
 
+    @property
+    def needs(self) -> frozenset[str]:
+        """What the scenario needs from the kernel with its default parameters."""
+        return needed_features(resolve(self, {}))
 
-_WP = ("WP_HUGETLBFS_SHMEM",)
+    @property
+    def min_kernel(self) -> str:
+        return min_kernel(resolve(self, {}))
+
+
 CATALOGUE: tuple[Scenario, ...] = (
     Scenario("S1", "stop-the-world", "pause writers, copy, resume",
-             {"strategy": "stop-the-world"}, True, "any",
+             {"strategy": "stop-the-world"}, True,
              note="consistent; the stall is the whole copy"),
     Scenario("S2", "single-writer", "one registered writer (QEMU today)",
-             {"strategy": "uffd-wp", "writers": 1}, True, "5.19", _WP),
+             {"strategy": "uffd-wp", "writers": 1}, True),
     Scenario("S3", "multi-writer", "N registered writers, armed while quiesced, "
              "un-protected in all", {"strategy": "uffd-wp", "unprotect": "all"},
-             True, "5.19", _WP, "at most one fault per page per process",
+             True, "at most one fault per page per process",
              ("unprotect",)),
     Scenario("S4", "staggered-arming", "arming process by process while writers run",
-             {"strategy": "uffd-wp-staggered"}, False, "5.19", _WP,
+             {"strategy": "uffd-wp-staggered"}, False,
              "writes between two armings are missed"),
     Scenario("S5", "unregistered-writer", "one writer maps RAM but never registers",
-             {"strategy": "uffd-wp", "unregistered": 1}, False, "5.19", _WP,
+             {"strategy": "uffd-wp", "unregistered": 1}, False,
              "its writes are never seen", ("unregistered",)),
     Scenario("S5-fork", "fork-child", "a writer's fork child writes (no EVENT_FORK)",
-             {"strategy": "uffd-wp", "writers": 2, "fork_child": True}, False, "5.19", _WP,
+             {"strategy": "uffd-wp", "writers": 2, "fork_child": True}, False,
              "the child's page tables carry no protection"),
     Scenario("S6", "fd-writes", "a writer writes through pwrite() on the fd",
-             {"strategy": "uffd-wp", "writers": 2, "fd_writes": True}, False, "5.19", _WP,
+             {"strategy": "uffd-wp", "writers": 2, "fd_writes": True}, False,
              "writes through the fd bypass every page table"),
     Scenario("S6-punch", "punch-hole", "fallocate(PUNCH_HOLE) on the fd during the snapshot",
-             {"strategy": "uffd-wp", "writers": 2, "punch_hole": True}, False, "5.19", _WP),
+             {"strategy": "uffd-wp", "writers": 2, "punch_hole": True}, False),
     Scenario("S7", "kernel-writes", "kernel-mode writes into the mapping (read(2))",
              {"strategy": "uffd-wp", "writers": 1, "kernel_writes": "read",
-              "uffd_source": "syscall-user-only"}, True, "5.11", _WP,
+              "uffd_source": "syscall-user-only"}, True,
              "EFAULT with UFFD_USER_MODE_ONLY; with /dev/userfaultfd they fault",
              ("kernel_writes", "uffd_source")),
     Scenario("S8", "zap-after-arm", "MADV_DONTNEED after arming, then write",
-             {"strategy": "uffd-wp", "writers": 2, "zap_after_arm": True}, True, "5.19", _WP,
+             {"strategy": "uffd-wp", "writers": 2, "zap_after_arm": True}, True,
              "the PTE marker survives the zap; the write faults"),
     Scenario("S9", "populate", "populate before protect vs sparse; anonymous control",
-             {"strategy": "uffd-wp", "populate": "yes"}, True, "5.19", _WP,
+             {"strategy": "uffd-wp", "populate": "yes"}, True,
              "set populate=no prefill=no for sparse; backing=anon needs WP_UNPOPULATED",
              ("prefill",)),
     Scenario("S10", "async-scan", "WP_ASYNC + PAGEMAP_SCAN iterative tracking",
-             {"strategy": "async-scan"}, True, "6.7", ("WP_ASYNC",),
+             {"strategy": "async-scan"}, True,
              "no stall but a final pause; fd writes still unreported"),
 )
 BY_KEY = {s.id.lower(): s for s in CATALOGUE} | {s.name: s for s in CATALOGUE}
@@ -273,25 +339,21 @@ def check_against(scenario: Scenario, resolved: dict[str, Any], vm_memory: int,
                             f"{format_size(vm_memory // 2)}; the snapshot needs a copy)")
     if probe is None:
         return
-    features = probe.get("features", {})
-    needs = set(scenario.needs)
-    if resolved["strategy"] == "async-scan":
-        needs.add("WP_ASYNC")
-    if resolved["backing"] == "anon" and resolved["populate"] == "no":
-        needs.add("WP_UNPOPULATED")
-    if resolved["strategy"] == "stop-the-world":
-        needs.discard("WP_HUGETLBFS_SHMEM")
-    for feat in sorted(needs):
-        if not features.get(feat):
-            first = probe.get("feature_min_kernel", {}).get(feat, "?")
-            raise ScenarioError(f"{scenario.id}: the guest kernel {probe.get('kernel')} lacks "
-                                f"UFFD_FEATURE_{feat} (first in Linux {first})")
-    if resolved.get("uffd_source") == "devuserfaultfd" and not probe.get("dev_userfaultfd"):
-        raise ScenarioError(f"{scenario.id}: /dev/userfaultfd is not usable in the guest "
-                            f"(Linux 6.1+)")
+    # the newest requirement first: it is the one that explains the refusal
+    for feat in sorted(needed_features(resolved), reverse=True,
+                       key=lambda f: (_version(first_kernels()[f]), f not in _PROBE_CAPS)):
+        if not has_feature(probe, feat):
+            raise MissingFeature(scenario.id, feature_label(feat), first_kernels()[feat],
+                                 str(probe.get("kernel")))
     if resolved["backing"] == "hugetlbfs" and not probe.get("wp_register", {}).get("hugetlbfs"):
         raise ScenarioError(f"{scenario.id}: hugetlbfs backing needs free huge pages in the "
                             f"guest: set provision.hugepages in lab.yml")
+
+
+def feature_label(feature: str) -> str:
+    """How the kernel's own headers spell it: UFFD_FEATURE_WP_ASYNC, /dev/userfaultfd..."""
+    return {"USER_MODE_ONLY": "UFFD_USER_MODE_ONLY", "DEV_USERFAULTFD": "/dev/userfaultfd",
+            "PAGEMAP_SCAN": "PAGEMAP_SCAN"}.get(feature, f"UFFD_FEATURE_{feature}")
 
 
 def command(scenario: Scenario, resolved: dict[str, Any], tools_dir: str,

@@ -21,8 +21,8 @@ import yaml
 
 from .config import ConfigError, Lab, parse_yaml, read_text
 from .events import Emitter, Listener
-
-NOTEBOOKS = Path(__file__).resolve().parent.parent / "notebooks"
+from .model import Kind
+from .paths import NOTEBOOKS
 POINT_NOTEBOOK = "10-snapshot.ipynb"
 SWEEP_NOTEBOOK = "20-sweep.ipynb"
 KERNEL = "python3"
@@ -174,7 +174,7 @@ def run_sweep(lab: Lab, grid: Grid, listener: Listener | None = None,
     result = SweepResult(sweep_id, out)
     index = {"sweep_id": sweep_id, "lab": str(lab.source), "notebook": grid.notebook,
              "fixed": grid.fixed, "grid": grid.axes, "points": result.points}
-    ev.emit("progress", f"0/{len(points)} points", done=0, total=len(points))
+    ev.emit(Kind.PROGRESS, f"0/{len(points)} points", done=0, total=len(points))
     for i, point in enumerate(points):
         params = {**grid.fixed, **point, "lab_path": str(lab.source.resolve()),
                   "sweep_id": sweep_id, "teardown": False}
@@ -197,7 +197,7 @@ def run_sweep(lab: Lab, grid: Grid, listener: Listener | None = None,
         entry["seconds"] = round(time.monotonic() - t0, 1)
         result.points.append(entry)
         _write_json(out / "index.json", index)
-        ev.emit("progress", f"{i + 1}/{len(points)} points; last {entry['status']} "
+        ev.emit(Kind.PROGRESS, f"{i + 1}/{len(points)} points; last {entry['status']} "
                 f"({_describe(point)})", done=i + 1, total=len(points))
     if grid.teardown:
         _teardown(lab, grid, points, ev)
@@ -215,13 +215,13 @@ def _render_report(out: Path, lab: Lab, ev: Emitter) -> Path | None:
                                    kernel_name=KERNEL, progress_bar=False, cwd=str(NOTEBOOKS))
         return report
     except Exception as e:
-        ev.emit("failed", f"the sweep report notebook failed: {_first_line(e)}")
+        ev.emit(Kind.FAILED, f"the sweep report notebook failed: {_first_line(e)}")
         return None
 
 
 def _teardown(lab: Lab, grid: Grid, points: list[dict], ev: Emitter) -> None:
     """Stop the VMs the points used (each shape once)."""
-    from .api import vm_for
+    from .vm import VM
     defaults = notebook_parameters(NOTEBOOKS / grid.notebook)
     shapes = set()
     for point in points:
@@ -230,10 +230,10 @@ def _teardown(lab: Lab, grid: Grid, points: list[dict], ev: Emitter) -> None:
             shapes.add((p["image"], str(p["vm_memory"]), int(p["vm_cpus"])))
     for image, memory, cpus in sorted(shapes):
         try:
-            vm = vm_for(lab, image, memory, cpus, listener=ev.listener)
+            vm = VM.for_shape(lab, image, memory, cpus, listener=ev.listener)
             vm.down()
         except Exception as e:
-            ev.emit("failed", f"teardown of {image}: {_first_line(e)}")
+            ev.emit(Kind.FAILED, f"teardown of {image}: {_first_line(e)}")
 
 
 def result_line(nb_path: Path) -> dict | None:

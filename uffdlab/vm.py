@@ -30,11 +30,13 @@ from pathlib import Path
 import paramiko
 
 from . import accel as accel_mod
-from .config import Lab, format_size
+from .config import Lab, VMSpec, format_size, parse_size
 from .events import Emitter, Listener
 from .images import Image, ImageStore
 from .keeper import cleanup, last_serial_log
+from .model import Kind
 from .owned import NotOursError, ProcessId, is_vm_dir, make_vm_dir
+from .paths import REPO
 from .qemu import QemuCommand
 from .ssh import Session, port_open
 
@@ -163,6 +165,20 @@ class VM(Emitter):
         self.images = ImageStore(lab, listener)
         self.dir = lab_vms_dir(lab) / self.name
 
+    @classmethod
+    def for_shape(cls, lab: Lab, image: str, memory: str | int = "1536M", cpus: int = 2,
+                  name: str | None = None, listener: Listener | None = None) -> "VM":
+        """A VM of `image` with this memory and CPU count. VMs are named after
+        their shape (nb-trixie-1536m-2c), so notebooks and sweep points that
+        ask for the same shape reuse one running, provisioned VM."""
+        lab.image_spec(image)                              # a clear error if unknown
+        size = parse_size(memory)
+        if name is None:
+            name = re.sub(r"[^a-z0-9-]", "-",
+                          f"nb-{image}-{format_size(size)}-{cpus}c".lower())
+        spec = VMSpec(image=image, memory=size, cpus=cpus)
+        return cls(lab.model_copy(update={"vms": {**lab.vms, name: spec}}), name, listener)
+
     # -- paths ------------------------------------------------------------
     @property
     def state_file(self) -> Path:
@@ -241,7 +257,7 @@ class VM(Emitter):
         img = self.images.build(self.spec.image)
         choice = self.choose_accel()
         if choice.fell_back:
-            self.emit("accel", choice.reason, accel=choice.accel)
+            self.emit(Kind.ACCEL, choice.reason, accel=choice.accel)
         for attempt in range(3):                 # a stolen port is retried
             try:
                 return self._boot(img, choice)
@@ -274,14 +290,14 @@ class VM(Emitter):
             subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", "-b", str(img.base),
                             "-F", "qcow2", str(cmd.disk)], check=True, capture_output=True)
             (self.dir / "launch.json").write_text(json.dumps({"argv": cmd.argv()}))
-            self.emit("booting", f"{img.kernel_release} under {choice.accel}, "
+            self.emit(Kind.BOOTING, f"{img.kernel_release} under {choice.accel}, "
                       f"{self.spec.cpus} cpus, {self.spec.memory >> 20} MiB",
                       accel=choice.accel, kernel=img.kernel_release)
             keeper = subprocess.Popen(
                 [sys.executable, "-m", "uffdlab.keeper", str(self.dir)],
                 stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
                 stderr=open(self.dir / "keeper.log", "w"), start_new_session=True,
-                cwd=Path(__file__).resolve().parent.parent)
+                cwd=REPO)
             keeper_id = ProcessId.of(keeper.pid, str(self.dir))
             (self.dir / "keeper.json").write_text(json.dumps(keeper_id.to_dict()))
             qemu_pid = int(keeper.stdout.readline() or 0)
@@ -297,7 +313,7 @@ class VM(Emitter):
             st.save(self.state_file)
             keeper.stdin.write("detach\n")
             keeper.stdin.close()
-            self.emit("ssh-ready", f"port {port} after {st.boot_seconds} s",
+            self.emit(Kind.SSH_READY, f"port {port} after {st.boot_seconds} s",
                       port=port, seconds=st.boot_seconds)
             return st
         except BaseException as e:
@@ -305,7 +321,7 @@ class VM(Emitter):
                 self._stop_keeper(keeper)
             cleanup(self.dir)
             if not isinstance(e, _PortTaken):
-                self.emit("failed", str(e).splitlines()[0] if str(e) else type(e).__name__)
+                self.emit(Kind.FAILED, str(e).splitlines()[0] if str(e) else type(e).__name__)
             raise
 
     def _wait_for_ssh(self, st: VMState, keeper: subprocess.Popen) -> None:
@@ -370,7 +386,7 @@ class VM(Emitter):
         while time.monotonic() < deadline and st.alive():
             time.sleep(0.05)
         reap_dir(self.dir)              # whatever the keeper did not finish
-        self.emit("stopped", f"overlay deleted after {time.time() - st.started:.0f} s up")
+        self.emit(Kind.STOPPED, f"overlay deleted after {time.time() - st.started:.0f} s up")
         return True
 
     def session(self, timeout: float = 10) -> Session:

@@ -1,5 +1,6 @@
 /* uffd.c - see uffd.h */
 #include "uffd.h"
+#include "features.h"
 #include "util.h"
 
 #include <errno.h>
@@ -12,25 +13,11 @@
 #include <sys/syscall.h>
 #include <unistd.h>
 
+#define FEATURE_ROW(name, bit, first) { #name, bit, first },
 const struct uffd_feature_info uffd_features[] = {
-	{ "PAGEFAULT_FLAG_WP", UFFD_FEATURE_PAGEFAULT_FLAG_WP, "5.7" },
-	{ "EVENT_FORK", UFFD_FEATURE_EVENT_FORK, "4.11" },
-	{ "EVENT_REMAP", UFFD_FEATURE_EVENT_REMAP, "4.11" },
-	{ "EVENT_REMOVE", UFFD_FEATURE_EVENT_REMOVE, "4.11" },
-	{ "MISSING_HUGETLBFS", UFFD_FEATURE_MISSING_HUGETLBFS, "4.11" },
-	{ "MISSING_SHMEM", UFFD_FEATURE_MISSING_SHMEM, "4.11" },
-	{ "EVENT_UNMAP", UFFD_FEATURE_EVENT_UNMAP, "4.11" },
-	{ "SIGBUS", UFFD_FEATURE_SIGBUS, "4.14" },
-	{ "THREAD_ID", UFFD_FEATURE_THREAD_ID, "4.14" },
-	{ "MINOR_HUGETLBFS", UFFD_FEATURE_MINOR_HUGETLBFS, "5.13" },
-	{ "MINOR_SHMEM", UFFD_FEATURE_MINOR_SHMEM, "5.14" },
-	{ "EXACT_ADDRESS", UFFD_FEATURE_EXACT_ADDRESS, "5.18" },
-	{ "WP_HUGETLBFS_SHMEM", UFFD_FEATURE_WP_HUGETLBFS_SHMEM, "5.19" },
-	{ "WP_UNPOPULATED", UFFD_FEATURE_WP_UNPOPULATED, "6.4" },
-	{ "POISON", UFFD_FEATURE_POISON, "6.6" },
-	{ "WP_ASYNC", UFFD_FEATURE_WP_ASYNC, "6.7" },
-	{ "MOVE", UFFD_FEATURE_MOVE, "6.8" },
+	UFFDLAB_FEATURES(FEATURE_ROW)
 };
+#undef FEATURE_ROW
 const size_t uffd_nfeatures = sizeof(uffd_features) / sizeof(uffd_features[0]);
 
 const struct uffd_feature_info *uffd_feature_by_bit(uint64_t bit)

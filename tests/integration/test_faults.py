@@ -81,9 +81,10 @@ def test_cli_killed_mid_provision_leaves_the_vm_usable(provisioned, trixie_vm, t
     kill_when(proc, "task")
     assert trixie_vm.state() is not None            # a running VM is not the CLI's to stop
     # its Ansible finishes on its own; then the next provisioning cleans its scratch
-    wait_for(lambda: subprocess.run(["pgrep", "-f", "ansible-playbook"],
-                                      capture_output=True).returncode != 0, 120,
-               "the orphaned ansible-playbook to finish")
+    # (its command line names the killed CLI's scratch directory)
+    wait_for(lambda: subprocess.run(["pgrep", "-f", f"{SCRATCH_PREFIX}{proc.pid}\\."],
+                                    capture_output=True).returncode != 0, 120,
+             "the orphaned ansible-playbook to finish")
     again = provision(trixie_vm)
     assert again.changed == 0
     tmp = Path(os.environ.get("TMPDIR", "/tmp"))

@@ -17,7 +17,7 @@ import pytest
 from uffdlab import results
 from uffdlab.results import (SCHEMA_VERSION, DuplicateRunError, Frames, ResultsDB,
                              ResultsError, RunNotFoundError, format_table, load)
-from uffdlab.runner import RunResult
+from uffdlab.model import RunResult
 
 KERNEL = "6.12.38+deb13-cloud-amd64"
 

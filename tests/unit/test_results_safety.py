@@ -14,7 +14,7 @@ from uffdlab.results import (DatabaseLockedError, DuplicateRunError, NoResultsDa
                              NotResultsDatabaseError, ResultsDB, ResultsError,
                              RunNotStoredError, StoreOutcome, format_table, import_spool,
                              load, spool_dir, spool_run, spooled_files, store_run)
-from uffdlab.runner import RunResult
+from uffdlab.model import RunResult
 
 SUMMARY = {"type": "summary", "pages": 1024, "snapshot_ms": 12.5, "faults_total": 7,
            "fault_latency_us": {"p50": 100.0, "p99": 900.0},

@@ -9,7 +9,8 @@ import pytest
 
 from uffdlab import scenarios
 from uffdlab.provision import _EventCollector, sources_tarball
-from uffdlab.runner import RunResult, _finish
+from uffdlab.model import RunResult
+from uffdlab.runner import _finish
 from uffdlab.scenarios import ScenarioError
 
 
@@ -96,11 +97,35 @@ def test_scenario_command_merges_parameters():
 
 def test_feature_check_names_the_first_kernel():
     sc = scenarios.get("S10")
-    probe = {"kernel": "6.1.0", "features": {"WP_ASYNC": False},
-             "feature_min_kernel": {"WP_ASYNC": "6.7"}}
-    with pytest.raises(ScenarioError, match=r"6.1.0 lacks UFFD_FEATURE_WP_ASYNC \(first in "
-                                            r"Linux 6.7\)"):
+    probe = {"kernel": "6.1.0", "features": {"WP_ASYNC": False, "WP_HUGETLBFS_SHMEM": True},
+             "pagemap_scan": False}
+    with pytest.raises(scenarios.MissingFeature, match=r"6.1.0 lacks UFFD_FEATURE_WP_ASYNC "
+                                                       r"\(first in Linux 6.7\)") as err:
         scenarios.check_against(sc, scenarios.resolve(sc, {}), 2 << 30, probe)
+    assert (err.value.feature, err.value.first_kernel, err.value.kernel) == \
+        ("UFFD_FEATURE_WP_ASYNC", "6.7", "6.1.0")
+
+
+def test_min_kernel_derives_from_the_feature_table():
+    assert scenarios.get("S1").min_kernel == "any"          # no userfaultfd at all
+    assert scenarios.get("S3").min_kernel == "5.19"         # PTE markers
+    assert scenarios.get("S10").min_kernel == "6.7"         # WP_ASYNC, PAGEMAP_SCAN
+    sparse_anon = scenarios.resolve(scenarios.get("S9"), {"backing": "anon", "populate": "no",
+                                                          "prefill": "no"})
+    assert scenarios.min_kernel(sparse_anon) == "6.4"       # WP_UNPOPULATED
+
+
+def test_readme_scenario_table_matches_the_catalogue():
+    """README's scenario table: every catalogue id with its derived minimum kernel."""
+    import re
+    from uffdlab.paths import REPO
+    text = (REPO / "README.md").read_text()
+    section = text[text.index("## Scenarios"):]
+    rows = {m[1]: m[2] for m in re.finditer(r"^\| (S\d+(?:-\w+)?) \|[^|]*\|[^|]*\| ([^|]+) \|",
+                                            section, re.M)}
+    for sc in scenarios.CATALOGUE:
+        assert sc.id in rows, f"README lacks {sc.id}"
+        assert rows[sc.id].split()[0] == sc.min_kernel, (sc.id, rows[sc.id])
 
 
 def test_anonymous_sparse_needs_wp_unpopulated():
@@ -109,7 +134,7 @@ def test_anonymous_sparse_needs_wp_unpopulated():
     probe = {"kernel": "6.1.0", "features": {"WP_HUGETLBFS_SHMEM": True,
                                              "WP_UNPOPULATED": False},
              "feature_min_kernel": {"WP_UNPOPULATED": "6.4"}}
-    with pytest.raises(ScenarioError, match="WP_UNPOPULATED"):
+    with pytest.raises(scenarios.MissingFeature, match="WP_UNPOPULATED"):
         scenarios.check_against(sc, params, 2 << 30, probe)
 
 
