@@ -28,6 +28,7 @@ def run_and_store(vm: VM, scenario: str, params: dict[str, Any] | None = None,
     next to the database, and the event says where."""
     res = run(vm, scenario, params, timeout)
     outcome = store_run(vm.lab.results_path, res)
-    vm.emit(Kind.STORED, outcome.message, run_id=res.run_id, stored=outcome.stored,
-            spooled_to=str(outcome.spooled_to or ""))
+    vm.emit(Kind.STORED, "; ".join([outcome.message, *outcome.spool_problems]),
+            run_id=res.run_id, stored=outcome.stored,
+            spooled_to=str(outcome.spooled_to or ""), imported=outcome.imported)
     return res

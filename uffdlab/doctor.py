@@ -8,7 +8,6 @@ from dataclasses import dataclass
 from . import accel
 from .config import Lab
 
-APT = "apt-get install -y qemu-system-x86 qemu-utils mmdebstrap e2fsprogs openssh-client"
 PY_MODULES = ("pydantic", "yaml", "paramiko", "qemu.qmp", "ansible_runner", "papermill",
               "pandas", "matplotlib")
 MIN_FREE_GB = 8

@@ -1,10 +1,10 @@
-"""CLI commands of the run layers: provision, run, results."""
+"""Commands for provisioning, runs and results: provision, run, results."""
 from __future__ import annotations
 
 import argparse
 import sys
 
-from .cli import EXIT_CONFIG, EXIT_FAIL, EXIT_OK, Renderer, _lab, table
+from .common import EXIT_CONFIG, EXIT_FAIL, EXIT_OK, Renderer, lab_of, table
 
 
 def parse_params(pairs: list[str]) -> dict[str, str]:
@@ -18,9 +18,9 @@ def parse_params(pairs: list[str]) -> dict[str, str]:
 
 
 def cmd_provision(args) -> int:
-    from .provision import provision
-    from .vm import VM
-    vm = VM(_lab(args), args.vm, Renderer())
+    from ..provision import provision
+    from ..vm import VM
+    vm = VM(lab_of(args), args.vm, Renderer())
     vm.up(reuse=True)
     res = provision(vm)
     print(f"{vm.name}: provisioned in {res.seconds} s ({res.changed} changed), tools "
@@ -31,7 +31,7 @@ def cmd_provision(args) -> int:
 
 
 def cmd_run(args) -> int:
-    from . import scenarios
+    from .. import scenarios
     if args.list:
         rows = []
         for s in scenarios.CATALOGUE:
@@ -46,15 +46,13 @@ def cmd_run(args) -> int:
         return EXIT_OK
     if not args.scenario:
         raise scenarios.ScenarioError("run: expected a scenario id or name (see --list)")
-    from .runner import prepare, run
-    from .vm import VM
-    lab = _lab(args)
-    vm = VM(lab, args.vm, Renderer())
+    from ..api import run_and_store
+    from ..runner import prepare
+    from ..vm import VM
+    vm = VM(lab_of(args), args.vm, Renderer())
     params = parse_params(args.param)
     prepare(vm, args.scenario, params, args.timeout)     # fail before booting anything
-    from .results import store_run
-    res = run(vm, args.scenario, params, args.timeout)
-    stored = store_run(lab.results_path, res)   # spools rather than lose the run
+    res = run_and_store(vm, args.scenario, params, args.timeout)   # says where it went
     s = res.summary or {}
     lat = s.get("fault_latency_us", {})
     print(f"run {res.run_id}: {res.scenario} ({res.scenario_name}) on {res.vm}, kernel "
@@ -66,21 +64,12 @@ def cmd_run(args) -> int:
               f"{s.get('mismatched_pages')} {s.get('mismatches_by_cause') or ''}")
     if res.error:
         print(f"  error: {res.error}", file=sys.stderr)
-    if stored.stored:
-        print(f"  stored in {lab.results_path}")
-    else:
-        print(f"  NOT in the database: {stored.message}", file=sys.stderr)
-    if stored.imported:
-        print(f"  also imported {len(stored.imported)} spooled run(s): "
-              f"{', '.join(stored.imported)}")
-    for problem in stored.spool_problems:
-        print(f"  spool: {problem}", file=sys.stderr)
-    return EXIT_OK if res.status in ("ok", "inconsistent") else EXIT_FAIL
+    return EXIT_OK if res.status.ran else EXIT_FAIL
 
 
 def _last_arg(text: str) -> int:
     """--last N: a run count SQLite can take (argparse names the flag)."""
-    from .results import _INT64_MAX
+    from ..results import _INT64_MAX
     try:
         n = int(text)
     except ValueError:
@@ -94,9 +83,9 @@ def _last_arg(text: str) -> int:
 def cmd_results(args) -> int:
     import sqlite3
 
-    from .results import (NoResultsDatabaseError, NotResultsDatabaseError, ResultsDB,
+    from ..results import (NoResultsDatabaseError, NotResultsDatabaseError, ResultsDB,
                           ResultsError, format_table, import_spool, spooled_files)
-    lab = _lab(args)
+    lab = lab_of(args)
     path = lab.results_path
     if spooled_files(path):            # runs an earlier store could not put in the database
         try:
@@ -137,69 +126,6 @@ def cmd_results(args) -> int:
     return EXIT_OK
 
 
-def cmd_sweep(args) -> int:
-    from .sweep import load_grid, run_sweep
-    lab = _lab(args)
-    grid = load_grid(args.grid)
-    print(f"sweep: {len(grid.points())} points of {grid.notebook}", file=sys.stderr)
-    res = run_sweep(lab, grid, Renderer())
-    rows = [[str(p["index"]), ", ".join(f"{k}={v}" for k, v in p["params"].items()),
-             p["status"], p["run_id"] or "", f"{p['seconds']:.0f} s", (p["error"] or "")[:60]]
-            for p in res.points]
-    table(["#", "point", "status", "run", "time", "error"], rows)
-    print(f"executed notebooks and index.json: {res.directory}")
-    if res.report:
-        print(f"sweep report: {res.report}")
-    return EXIT_OK if not res.failed else EXIT_FAIL
-
-
-def cmd_demo(args) -> int:
-    """The README's main job: the default image, then 10-snapshot executed
-    with its defaults, leaving the notebook and the run in the database."""
-    import time
-
-    import papermill
-
-    from .images import ImageStore
-    from .sweep import KERNEL, NOTEBOOKS, POINT_NOTEBOOK, result_line
-    lab = _lab(args)
-    name, spec = lab.vm_spec(args.vm)
-    ImageStore(lab, Renderer()).build(spec.image)
-    out_dir = lab.results_path.parent / "notebooks"
-    out_dir.mkdir(parents=True, exist_ok=True)
-    out = out_dir / f"10-snapshot-{time.strftime('%Y%m%d-%H%M%S')}.ipynb"
-    print(f"executing {POINT_NOTEBOOK} (boot, provision, run; several minutes under TCG)",
-          file=sys.stderr)
-    papermill.execute_notebook(str(NOTEBOOKS / POINT_NOTEBOOK), str(out),
-                               parameters={"lab_path": str(lab.source.resolve()),
-                                           "image": spec.image,
-                                           "teardown": not args.keep},
-                               kernel_name=KERNEL, progress_bar=True, cwd=str(NOTEBOOKS),
-                               log_output=args.verbose)
-    found = result_line(out) or {}
-    print(f"run {found.get('run_id')}: {found.get('status')}")
-    print(f"executed notebook: {out}")
-    print(f"results database:  {lab.results_path} ('uffdlab results')")
-    return EXIT_OK
-
-
-def cmd_lab(args) -> int:
-    """JupyterLab on notebooks/ with the project's kernel registered."""
-    import os
-    import subprocess
-
-    from .sweep import NOTEBOOKS
-    subprocess.run([sys.executable, "-m", "ipykernel", "install", "--sys-prefix", "--name",
-                    "uffdlab", "--display-name", "uffd-lab (venv)"], check=True,
-                   capture_output=True)
-    argv = [sys.executable, "-m", "jupyter", "lab", "--no-browser", f"--ip={args.ip}",
-            f"--port={args.port}", f"--notebook-dir={NOTEBOOKS}"]
-    if os.geteuid() == 0:
-        argv.append("--allow-root")
-    print("starting JupyterLab; open the URL it prints (http://...?token=...)", file=sys.stderr)
-    os.execv(sys.executable, argv)
-
-
 def register(sub) -> None:
     p = sub.add_parser("provision", help="provision a VM with Ansible (boots it if needed)")
     p.add_argument("vm", nargs="?")
@@ -218,18 +144,3 @@ def register(sub) -> None:
     q.add_argument("--last", type=_last_arg, metavar="N", help="only the newest N runs")
     q.add_argument("--scenario", metavar="S")
     q.set_defaults(func=cmd_results)
-
-    w = sub.add_parser("sweep", help="execute 10-snapshot for every point of a grid")
-    w.add_argument("grid", metavar="GRID.yml")
-    w.set_defaults(func=cmd_sweep)
-
-    d = sub.add_parser("demo", help="the main job: image, then 10-snapshot executed")
-    d.add_argument("vm", nargs="?", help="whose image to use (the first VM by default)")
-    d.add_argument("--keep", action="store_true", help="leave the VM running")
-    d.add_argument("--verbose", action="store_true", help="show the notebook's output")
-    d.set_defaults(func=cmd_demo)
-
-    j = sub.add_parser("lab", help="start JupyterLab on notebooks/")
-    j.add_argument("--ip", default="127.0.0.1")
-    j.add_argument("--port", type=int, default=8888)
-    j.set_defaults(func=cmd_lab)

@@ -1,5 +1,4 @@
-"""The `uffdlab` command. It parses flags, calls the library, and renders the
-library's events; it holds no logic of its own."""
+"""Commands for images and VMs: image build|list, up, ssh, status, down, doctor."""
 from __future__ import annotations
 
 import argparse
@@ -8,44 +7,14 @@ import shlex
 import sys
 import time
 
-from .config import ConfigError, Lab, load_lab
-from .events import Event
-from .scenarios import ScenarioError
-
-EXIT_OK, EXIT_FAIL, EXIT_CONFIG = 0, 1, 2
-
-
-class Renderer:
-    """Prints events as one line each on stderr, with elapsed time."""
-
-    def __init__(self, stream=sys.stderr):
-        self.stream = stream
-        self.t0 = time.monotonic()
-
-    def __call__(self, ev: Event) -> None:
-        if ev.kind == "progress":
-            return self._progress(ev)
-        print(f"{time.monotonic() - self.t0:6.1f}s {ev}", file=self.stream, flush=True)
-
-    def _progress(self, ev: Event) -> None:
-        done, total = ev.data.get("done", 0), ev.data.get("total") or 0
-        bar = ""
-        if total:
-            filled = int(30 * min(done, total) / total)
-            bar = "[" + "#" * filled + "." * (30 - filled) + f"] {100 * done / total:3.0f}% "
-        end = "\n" if total and done >= total else "\r"
-        print(f"{time.monotonic() - self.t0:6.1f}s [{ev.subject}] {bar}{ev.message}",
-              end=end, file=self.stream, flush=True)
-
-
-def _lab(args) -> Lab:
-    return load_lab(args.lab)
+from ..config import ConfigError
+from .common import EXIT_FAIL, EXIT_OK, Renderer, lab_of, table
 
 
 # -- image ----------------------------------------------------------------
 def cmd_image_build(args) -> int:
-    from .images import ImageStore
-    lab = _lab(args)
+    from ..images import ImageStore
+    lab = lab_of(args)
     store = ImageStore(lab, Renderer())
     names = args.names or list(lab.images)
     for name in names:
@@ -59,8 +28,8 @@ def cmd_image_build(args) -> int:
 
 
 def cmd_image_list(args) -> int:
-    from .images import ImageStore
-    rows = ImageStore(_lab(args)).list()
+    from ..images import ImageStore
+    rows = ImageStore(lab_of(args)).list()
     table(["name", "suite", "kernel", "size", "hash", "built"],
           [[r["name"], r["suite"], r["kernel"], r["size"], r["key"],
             "yes" if r["built"] else "no"] for r in rows])
@@ -69,8 +38,8 @@ def cmd_image_list(args) -> int:
 
 # -- VMs ------------------------------------------------------------------
 def cmd_up(args) -> int:
-    from .vm import VM
-    vm = VM(_lab(args), args.vm, Renderer())
+    from ..vm import VM
+    vm = VM(lab_of(args), args.vm, Renderer())
     if args.dry_run:
         print(vm.dry_run())
         return EXIT_OK
@@ -81,8 +50,8 @@ def cmd_up(args) -> int:
 
 
 def cmd_ssh(args) -> int:
-    from .vm import VM, VMError
-    vm = VM(_lab(args), args.vm)
+    from ..vm import VM, VMError
+    vm = VM(lab_of(args), args.vm)
     st = vm.state()
     if st is None:
         raise VMError(f"VM {vm.name!r} is not running; 'uffdlab up {vm.name}' first")
@@ -102,8 +71,8 @@ def cmd_ssh(args) -> int:
 
 
 def cmd_status(args) -> int:
-    from .vm import all_vms, other_running, reap_dir, stale_dirs
-    lab = _lab(args)
+    from ..vm import all_vms, other_running, reap_dir, stale_dirs
+    lab = lab_of(args)
     for d in stale_dirs(lab):
         reap_dir(d)
     def row(name: str, st) -> list[str]:
@@ -120,8 +89,8 @@ def cmd_status(args) -> int:
 
 
 def cmd_down(args) -> int:
-    from .vm import VM, all_vms, other_running, reap_dir, stale_dirs, stop_dir
-    lab = _lab(args)
+    from ..vm import VM, all_vms, other_running, reap_dir, stale_dirs, stop_dir
+    lab = lab_of(args)
     if args.all:
         for d in stale_dirs(lab):
             reap_dir(d)
@@ -138,10 +107,10 @@ def cmd_down(args) -> int:
 
 
 def cmd_doctor(args) -> int:
-    from .doctor import run_checks
+    from ..doctor import run_checks
     lab = None
     try:
-        lab = _lab(args)
+        lab = lab_of(args)
     except ConfigError as e:
         print("\n".join(e.problems), file=sys.stderr)
     ok = True
@@ -154,20 +123,7 @@ def cmd_doctor(args) -> int:
     return EXIT_OK if ok and lab is not None else EXIT_FAIL
 
 
-# -- helpers --------------------------------------------------------------
-def table(headers: list[str], rows: list[list[str]], stream=None) -> None:
-    stream = stream or sys.stdout
-    widths = [max(len(str(x)) for x in col) for col in zip(headers, *rows)]
-    for row in [headers, *rows]:
-        print("  ".join(str(x).ljust(w) for x, w in zip(row, widths)).rstrip(), file=stream)
-
-
-def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="uffdlab", description="uffd-wp lab: kernel test VMs, "
-                                "guest tools, snapshot scenarios, results.")
-    p.add_argument("--lab", metavar="PATH", help="lab file (default: $UFFDLAB_LAB or ./lab.yml)")
-    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
-
+def register(sub) -> None:
     img = sub.add_parser("image", help="build and list guest images")
     isub = img.add_subparsers(dest="image_command", required=True, metavar="ACTION")
     b = isub.add_parser("build", help="build images (all when no name is given)")
@@ -197,38 +153,3 @@ def build_parser() -> argparse.ArgumentParser:
 
     sub.add_parser("doctor", help="check that this machine can run a lab").set_defaults(
         func=cmd_doctor)
-    _extra_commands(sub)
-    return p
-
-
-def _extra_commands(sub) -> None:
-    """Commands of the later layers (provision, run, results, sweep, lab)."""
-    try:
-        from . import cli_runs
-    except ImportError:
-        return
-    cli_runs.register(sub)
-
-
-def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    try:
-        return args.func(args)
-    except ConfigError as e:
-        print("\n".join(e.problems), file=sys.stderr)
-        return EXIT_CONFIG
-    except (ScenarioError, argparse.ArgumentTypeError) as e:
-        print(f"uffdlab: {e}", file=sys.stderr)
-        return EXIT_CONFIG
-    except KeyboardInterrupt:
-        print("interrupted; VMs that were booting have been stopped", file=sys.stderr)
-        return 130
-    except Exception as e:                 # every library error is a one-line story
-        if os.environ.get("UFFDLAB_DEBUG"):
-            raise
-        print(f"uffdlab: {type(e).__name__}: {e}", file=sys.stderr)
-        return EXIT_FAIL
-
-
-if __name__ == "__main__":
-    sys.exit(main())

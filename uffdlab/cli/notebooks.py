@@ -1,0 +1,86 @@
+"""Commands around the notebooks: sweep, demo, lab."""
+from __future__ import annotations
+
+import sys
+
+from .common import EXIT_FAIL, EXIT_OK, Renderer, lab_of, table
+
+
+def cmd_sweep(args) -> int:
+    from ..sweep import load_grid, run_sweep
+    lab = lab_of(args)
+    grid = load_grid(args.grid)
+    print(f"sweep: {len(grid.points())} points of {grid.notebook}", file=sys.stderr)
+    res = run_sweep(lab, grid, Renderer())
+    rows = [[str(p["index"]), ", ".join(f"{k}={v}" for k, v in p["params"].items()),
+             p["status"], p["run_id"] or "", f"{p['seconds']:.0f} s", (p["error"] or "")[:60]]
+            for p in res.points]
+    table(["#", "point", "status", "run", "time", "error"], rows)
+    print(f"executed notebooks and index.json: {res.directory}")
+    if res.report:
+        print(f"sweep report: {res.report}")
+    return EXIT_OK if not res.failed else EXIT_FAIL
+
+
+def cmd_demo(args) -> int:
+    """The README's main job: the default image, then 10-snapshot executed
+    with its defaults, leaving the notebook and the run in the database."""
+    import time
+
+    import papermill
+
+    from ..images import ImageStore
+    from ..sweep import KERNEL, NOTEBOOKS, POINT_NOTEBOOK, result_line
+    lab = lab_of(args)
+    name, spec = lab.vm_spec(args.vm)
+    ImageStore(lab, Renderer()).build(spec.image)
+    out_dir = lab.results_path.parent / "notebooks"
+    out_dir.mkdir(parents=True, exist_ok=True)
+    out = out_dir / f"10-snapshot-{time.strftime('%Y%m%d-%H%M%S')}.ipynb"
+    print(f"executing {POINT_NOTEBOOK} (boot, provision, run; several minutes under TCG)",
+          file=sys.stderr)
+    papermill.execute_notebook(str(NOTEBOOKS / POINT_NOTEBOOK), str(out),
+                               parameters={"lab_path": str(lab.source.resolve()),
+                                           "image": spec.image,
+                                           "teardown": not args.keep},
+                               kernel_name=KERNEL, progress_bar=True, cwd=str(NOTEBOOKS),
+                               log_output=args.verbose)
+    found = result_line(out) or {}
+    print(f"run {found.get('run_id')}: {found.get('status')}")
+    print(f"executed notebook: {out}")
+    print(f"results database:  {lab.results_path} ('uffdlab results')")
+    return EXIT_OK
+
+
+def cmd_lab(args) -> int:
+    """JupyterLab on notebooks/ with the project's kernel registered."""
+    import os
+    import subprocess
+
+    from ..sweep import NOTEBOOKS
+    subprocess.run([sys.executable, "-m", "ipykernel", "install", "--sys-prefix", "--name",
+                    "uffdlab", "--display-name", "uffd-lab (venv)"], check=True,
+                   capture_output=True)
+    argv = [sys.executable, "-m", "jupyter", "lab", "--no-browser", f"--ip={args.ip}",
+            f"--port={args.port}", f"--notebook-dir={NOTEBOOKS}"]
+    if os.geteuid() == 0:
+        argv.append("--allow-root")
+    print("starting JupyterLab; open the URL it prints (http://...?token=...)", file=sys.stderr)
+    os.execv(sys.executable, argv)
+
+
+def register(sub) -> None:
+    w = sub.add_parser("sweep", help="execute 10-snapshot for every point of a grid")
+    w.add_argument("grid", metavar="GRID.yml")
+    w.set_defaults(func=cmd_sweep)
+
+    d = sub.add_parser("demo", help="the main job: image, then 10-snapshot executed")
+    d.add_argument("vm", nargs="?", help="whose image to use (the first VM by default)")
+    d.add_argument("--keep", action="store_true", help="leave the VM running")
+    d.add_argument("--verbose", action="store_true", help="show the notebook's output")
+    d.set_defaults(func=cmd_demo)
+
+    j = sub.add_parser("lab", help="start JupyterLab on notebooks/")
+    j.add_argument("--ip", default="127.0.0.1")
+    j.add_argument("--port", type=int, default=8888)
+    j.set_defaults(func=cmd_lab)
