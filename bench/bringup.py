@@ -17,10 +17,10 @@ Prints one table:
 - the ratio up/bare, from medians of --repeat boots each, alternated so that
   load changes hit both alike.
 
-Figures are measured in the same run (see DESIGN.md: ratios, never absolute
-times alone); the load average is printed alongside because TCG boots scale
-with free CPU. The benchmark's VMs live in a private temporary cache dir whose
-`images` and `keys` link to the lab's, so `uffdlab down --all` run by someone
+Figures are measured in the same run (ratios, never absolute times alone);
+the load average is printed alongside because TCG boots scale with free CPU.
+The benchmark's VMs live in a private temporary cache dir whose `images` and
+`keys` link to the lab's, so `uffdlab down --all` run by someone
 else cannot sweep them, and nothing of theirs is touched. Every VM, qemu
 process and overlay is removed on the way out, Ctrl-C and SIGTERM included.
 """

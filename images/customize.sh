@@ -1,4 +1,5 @@
 #!/bin/sh
+# SPDX-License-Identifier: MIT
 # mmdebstrap customize hook: turns the fresh Debian tree into a bootable lab
 # guest, copies the kernel out for direct boot, and packs the tree into an
 # ext4 image. Runs outside the chroot (inside mmdebstrap's namespace when it
@@ -26,7 +27,8 @@ ln -sf /lib/systemd/system/systemd-networkd.service \
     "$root/etc/systemd/system/multi-user.target.wants/systemd-networkd.service"
 
 # Only the lab's key logs in, and only the pinned host key is offered.
-mkdir -p -m 0700 "$root/root/.ssh"
+mkdir -p "$root/root/.ssh"
+chmod 0700 "$root/root/.ssh"
 cp "$lab_pubkey" "$root/root/.ssh/authorized_keys"
 chmod 0600 "$root/root/.ssh/authorized_keys"
 rm -f "$root"/etc/ssh/ssh_host_*
@@ -49,7 +51,8 @@ for unit in apt-daily.timer apt-daily-upgrade.timer e2scrub_all.timer \
 done
 
 # Kernel and initrd leave the image for QEMU's direct kernel boot.
-release=$(ls "$root/lib/modules" 2>/dev/null | sort -V | tail -n 1)
+release=$(find "$root/lib/modules" -mindepth 1 -maxdepth 1 -printf '%f\n' 2>/dev/null \
+    | sort -V | tail -n 1)
 if [ -n "$release" ]; then
     cp "$root/boot/vmlinuz-$release" "$out/vmlinuz"
     cp "$root/boot/initrd.img-$release" "$out/initrd.img"

@@ -1,6 +1,6 @@
-"""The scenario catalogue of DESIGN.md: each point of the 2021 linux-mm
-debate as a `uffd-snapshot` command line, with its parameters checked
-before anything runs."""
+"""The scenario catalogue: each point of the 2021 linux-mm debate (see
+docs/background.md) as a `uffd-snapshot` command line, with its parameters
+checked before anything runs."""
 from __future__ import annotations
 
 import difflib
