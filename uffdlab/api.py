@@ -1,5 +1,7 @@
-"""The calls notebooks and sweeps make: a lab, a VM sized by parameters,
-a run that is stored. Everything here composes the modules of the data flow."""
+"""The calls notebooks make: a lab, a VM sized by parameters, a ready
+(booted, provisioned) VM, a run that is stored, the stored runs. Notebooks
+import only this module and `report`; everything here composes the modules
+of the data flow."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -8,8 +10,9 @@ from typing import Any
 from .config import Lab, load_lab
 from .model import Kind, RunResult
 from .results import store_run
+from .provision import ensure_provisioned
 from .runner import run
-from .vm import VM
+from .vm import VM, VMState
 
 
 def open_lab(path: str | Path | None = None) -> Lab:
@@ -19,6 +22,14 @@ def open_lab(path: str | Path | None = None) -> Lab:
 
 # A VM by shape (image, memory, cpus), named after it: see VM.for_shape.
 vm_for = VM.for_shape
+
+
+def ready(vm: VM) -> VMState:
+    """Boot the VM if needed and provision it unless it already has these
+    guest tools; its state, with the kernel's uffd facts in `.facts`."""
+    vm.up(reuse=True)
+    ensure_provisioned(vm)
+    return vm.state()
 
 
 def run_and_store(vm: VM, scenario: str, params: dict[str, Any] | None = None,
