@@ -63,3 +63,18 @@ def test_package_modules_do_not_import_each_other_in_a_circle():
                         graph[mod].add(target)
     circles = sorted(f"{a} <-> {b}" for a in graph for b in graph[a] if a in graph.get(b, ()))
     assert not circles, circles
+
+
+def test_readme_lab_yml_reference_lists_every_option():
+    """Every option is declared once, in config.py: the README table follows it."""
+    import re
+
+    from uffdlab.config import option_help
+    text = (REPO / "README.md").read_text()
+    section = text[text.index("## lab.yml reference"):]
+    section = section[:section.index("\n## ", 3)]
+    documented = set(re.findall(r"^\| `([^`]+)` \|", section, re.M))
+    # leaves only: a section (images.<name>, provision) is documented by its keys
+    declared = {key for key, _, _ in option_help()}
+    leaves = {k for k in declared if not any(o.startswith(k + ".") for o in declared)}
+    assert documented == leaves, (sorted(leaves - documented), sorted(documented - leaves))
