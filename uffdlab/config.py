@@ -260,7 +260,7 @@ class Lab(_Model):
             raise ValueError(f"expected at least one {what}, got none")
         for name in v:
             if not re.fullmatch(r"[a-z0-9][a-z0-9_-]{0,31}", str(name)):
-                raise _FieldProblem((info.field_name, name), name,
+                raise FieldProblem((info.field_name, name), name,
                                     f"a short {what} name (lowercase letters, digits, "
                                     f"_ and -, up to 32 characters)")
         return v
@@ -302,18 +302,18 @@ class Lab(_Model):
         """The named VM, or the first one when no name is given."""
         name = name or next(iter(self.vms))
         if name not in self.vms:
-            raise ConfigError([_did_you_mean(f"{self.source.name}: no VM named {name!r}",
+            raise ConfigError([did_you_mean(f"{self.source.name}: no VM named {name!r}",
                                              name, self.vms)])
         return name, self.vms[name]
 
     def image_spec(self, name: str) -> ImageSpec:
         if name not in self.images:
-            raise ConfigError([_did_you_mean(f"{self.source.name}: no image named {name!r}",
+            raise ConfigError([did_you_mean(f"{self.source.name}: no image named {name!r}",
                                              name, self.images)])
         return self.images[name]
 
 
-class _FieldProblem(ValueError):
+class FieldProblem(ValueError):
     """A cross-field problem that knows the path it belongs to."""
 
     def __init__(self, loc: tuple, value: Any, expected: str, hint: str = ""):
@@ -321,7 +321,7 @@ class _FieldProblem(ValueError):
         super().__init__(" ".join(p for p in (f"expected {expected}, got {value!r}", hint) if p))
 
 
-def _missing_images(images: Any, vms: Any) -> list[_FieldProblem]:
+def _missing_images(images: Any, vms: Any) -> list[FieldProblem]:
     """VMs naming an image that is not defined, from models or raw YAML data."""
     if not isinstance(images, dict) or not isinstance(vms, dict):
         return []
@@ -329,21 +329,21 @@ def _missing_images(images: Any, vms: Any) -> list[_FieldProblem]:
     for vm_name, vm in vms.items():
         image = vm.get("image") if isinstance(vm, dict) else getattr(vm, "image", None)
         if isinstance(image, str) and images and image not in images:
-            problems.append(_FieldProblem(
+            problems.append(FieldProblem(
                 ("vms", vm_name, "image"), image,
                 f"the name of an image ({', '.join(map(str, images))})",
-                hint=_did_you_mean("", image, images).strip()))
+                hint=did_you_mean("", image, images).strip()))
     return problems
 
 
-def _did_you_mean(msg: str, word: str, choices) -> str:
+def did_you_mean(msg: str, word: str, choices) -> str:
     close = difflib.get_close_matches(str(word), [str(c) for c in choices], n=1)
     return f"{msg} (did you mean {close[0]!r}?)" if close else msg
 
 
-def _model_at(loc: tuple) -> type[BaseModel] | None:
+def _model_at(loc: tuple, root: type[BaseModel]) -> type[BaseModel] | None:
     """The model class whose fields are valid at a location, for suggestions."""
-    model: Any = Lab
+    model: Any = root
     for part in loc:
         if model is None or isinstance(part, int):
             continue
@@ -538,18 +538,21 @@ _EXPECTED = {
 }
 
 
-def _describe(err: dict, label: str, lines: dict[tuple, int]) -> str:
+def describe_error(err: dict, label: str, lines: dict[tuple, int],
+                   root: type[BaseModel] | None = None) -> str:
+    """One pydantic error of a YAML file as `file:LINE: a.b: expected X, got Y`;
+    `root` is the file's model (Lab by default), for "did you mean" hints."""
     loc = tuple(p for p in err["loc"] if not str(p).startswith(("function-", "constrained-")))
     ctx_err = (err.get("ctx") or {}).get("error")
     value = err.get("input")
-    if isinstance(ctx_err, _FieldProblem):
+    if isinstance(ctx_err, FieldProblem):
         loc, value = ctx_err.loc, ctx_err.value
         msg = str(ctx_err)
     elif err["type"] == "extra_forbidden":
-        model = _model_at(loc[:-1])
+        model = _model_at(loc[:-1], root or Lab)
         msg = f"unknown key {loc[-1]!r}"
         if model is not None:
-            msg = _did_you_mean(msg, loc[-1], model.model_fields)
+            msg = did_you_mean(msg, loc[-1], model.model_fields)
     elif err["type"] == "missing":
         msg = "required, but missing"
         if loc[:-1] and len(loc) > 1:
@@ -594,17 +597,17 @@ def _validate(data: Any, source: Path, lines: dict[tuple, int]) -> Lab:
     if not isinstance(data, dict):
         raise ConfigError([f"{label}: expected a mapping of lab settings "
                            f"(images, vms, ...), got a {type(data).__name__}: "
-                           f"{_short(data)}"])
+                           f"{short(data)}"])
     if "source" in data:
         raise ConfigError([f"{label}: source: unknown key 'source'"])
     try:
         lab = Lab.model_validate({**data, "source": source})
     except ValidationError as e:
-        problems = [_describe(err, label, lines) for err in e.errors()]
+        problems = [describe_error(err, label, lines) for err in e.errors()]
         # a VM naming a missing image is checked only once every field is valid;
         # say it now too, so one run lists every problem
         for fp in _missing_images(data.get("images"), data.get("vms")):
-            msg = _describe({"type": "value_error", "loc": fp.loc, "input": fp.value,
+            msg = describe_error({"type": "value_error", "loc": fp.loc, "input": fp.value,
                              "ctx": {"error": fp}, "msg": str(fp)}, label, lines)
             if msg not in problems:
                 problems.append(msg)
@@ -613,7 +616,7 @@ def _validate(data: Any, source: Path, lines: dict[tuple, int]) -> Lab:
     return lab
 
 
-def _short(value: Any, limit: int = 60) -> str:
+def short(value: Any, limit: int = 60) -> str:
     text = repr(value)
     return text if len(text) <= limit else text[:limit - 3] + "..."
 

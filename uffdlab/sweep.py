@@ -1,47 +1,51 @@
 """GRID.yml --papermill, one execution of 10-snapshot per point--> executed
-notebooks + index.json under the results directory.
+notebooks, a result file per point and index.json under the results directory.
 
 Every point asks for its VM by shape (image, memory, cpus), so points share
 one running, provisioned VM per image and cost only their own run. A failed
 point is recorded in the index and the sweep goes on.
+
+The pieces hand each other typed records, never printed text:
+
+* `Grid`: the sweep file, checked like lab.yml (`grid.yml:LINE: path: ...`).
+* `PointResult`: what a point notebook writes to its `result_path` parameter.
+* `SweepIndex` (of `SweepPoint`s): the sweep's index.json, saved after every
+  point and read back by 20-sweep.ipynb.
 """
 from __future__ import annotations
 
 import hashlib
 import itertools
 import json
+import math
 import os
-import re
 import time
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Annotated, Any
 
-import yaml
+from pydantic import (BaseModel, BeforeValidator, ConfigDict, Field, StrictBool, TypeAdapter,
+                      ValidationError, ValidationInfo, field_validator)
 
-from .config import ConfigError, Lab, parse_yaml, read_text
+from .config import (ConfigError, FieldProblem, Lab, describe_error, did_you_mean, parse_yaml,
+                     read_text, short)
 from .events import Emitter, Listener
-from .model import Kind
+from .model import Kind, RunResult, Status
 from .paths import NOTEBOOKS
+
+if TYPE_CHECKING:
+    import pandas as pd
+
+    from .results import Frames
+
 POINT_NOTEBOOK = "10-snapshot.ipynb"
 SWEEP_NOTEBOOK = "20-sweep.ipynb"
 KERNEL = "python3"
-RESULT_RE = re.compile(r"^RESULT (\{.*\})\s*$", re.M)
+INDEX_FILE = "index.json"
+MAX_POINTS = 10_000
 
 
-@dataclass
-class Grid:
-    """A sweep file: fixed parameters plus axes whose product is the points."""
-
-    source: Path
-    fixed: dict[str, Any]
-    axes: dict[str, list[Any]]
-    notebook: str = POINT_NOTEBOOK
-    teardown: bool = True
-
-    def points(self) -> list[dict[str, Any]]:
-        keys = list(self.axes)
-        return [dict(zip(keys, combo)) for combo in itertools.product(*self.axes.values())]
+# -- the grid file -------------------------------------------------------------
 
 
 def notebook_parameters(path: Path) -> dict[str, Any]:
@@ -59,7 +63,107 @@ def notebook_parameters(path: Path) -> dict[str, Any]:
             papermill.inspect_notebook(str(path)).items()}
 
 
-MAX_POINTS = 10_000
+def _notebook_name(value: Any) -> Any:
+    why = _notebook_problem(value)
+    if why:
+        raise ValueError(why)
+    return value
+
+
+def _parameters(info: ValidationInfo) -> dict[str, Any] | None:
+    """The parameters of the grid's notebook (None when the notebook itself is
+    wrong: that is reported on its own line). Read once per validation."""
+    notebook = info.data.get("notebook")
+    if notebook is None:
+        return None
+    cache = info.context if isinstance(info.context, dict) else {}
+    if ("parameters", notebook) not in cache:
+        cache["parameters", notebook] = notebook_parameters(NOTEBOOKS / notebook)
+    return cache["parameters", notebook]
+
+
+# Point-notebook parameters run_sweep fills in for every point.
+SET_BY_SWEEP = ("lab_path", "sweep_id", "teardown", "result_path")
+
+
+def _parameter_key(section: str) -> Any:
+    """A key of `fixed` or `grid`: a parameter of the grid's notebook."""
+    def check(key: Any, info: ValidationInfo) -> str:
+        loc = (section, str(key))
+        if not isinstance(key, str):
+            raise FieldProblem(loc, key, "a parameter name")
+        if key in SET_BY_SWEEP:
+            raise FieldProblem(loc, key, "a parameter the sweep does not set itself (it sets "
+                               f"{', '.join(SET_BY_SWEEP)} for every point)")
+        valid = _parameters(info)
+        if valid and key not in valid:        # a notebook without parameters takes any
+            raise FieldProblem(loc, key, f"a parameter of {info.data['notebook']} "
+                                f"({', '.join(sorted(valid))})",
+                                hint=did_you_mean("", key, valid).strip())
+        return key
+    return Annotated[str, BeforeValidator(check)]
+
+
+def _mapping_of(what: str, empty_ok: bool) -> Any:
+    def check(value: Any) -> Any:
+        if value is None and empty_ok:        # `fixed:` with every entry commented out
+            return {}
+        if not isinstance(value, dict):
+            raise ValueError(f"expected a mapping of {what}, got {short(value)}")
+        return value
+    return BeforeValidator(check)
+
+
+def _axis(value: Any) -> Any:
+    if not isinstance(value, list) or not value:
+        raise ValueError(f"expected a non-empty list, got {short(value)}")
+    return value
+
+
+FixedKey = _parameter_key("fixed")
+GridKey = _parameter_key("grid")
+Axis = Annotated[list[Any], BeforeValidator(_axis)]
+
+
+class Grid(BaseModel):
+    """A sweep file: fixed parameters plus axes whose product is the points."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    # first, so the keys of fixed and grid are checked against its parameters
+    notebook: Annotated[str, BeforeValidator(_notebook_name)] = Field(
+        POINT_NOTEBOOK, description="The notebook in notebooks/ executed per point.")
+    fixed: Annotated[dict[FixedKey, Any], _mapping_of("parameter: value", empty_ok=True)] = Field(
+        default_factory=dict, description="Parameters every point gets.")
+    grid: Annotated[dict[GridKey, Axis],
+                    _mapping_of("parameter: [values]", empty_ok=False)] = Field(
+        description="Axes: a list of values per parameter; the points are their product.")
+    teardown: StrictBool = Field(True, description="Stop the points' VMs at the end.")
+
+    @field_validator("grid")
+    @classmethod
+    def _some_points_not_too_many(cls, axes: dict[str, list]) -> dict[str, list]:
+        if not axes:
+            raise ValueError("expected at least one parameter: [values], got {}")
+        n = math.prod(len(values) for values in axes.values())   # without building them
+        if n > MAX_POINTS:
+            raise ValueError(f"expected at most {MAX_POINTS} points, got {n}")
+        return axes
+
+    @property
+    def axes(self) -> dict[str, list[Any]]:
+        """The `grid` section: parameter -> values."""
+        return self.grid
+
+    @property
+    def size(self) -> int:
+        """The number of points."""
+        return math.prod(len(values) for values in self.grid.values())
+
+    def points(self) -> list[dict[str, Any]]:
+        keys = list(self.grid)
+        return [dict(zip(keys, combo, strict=True))
+                for combo in itertools.product(*self.grid.values())]
 
 
 def load_grid(path: str | os.PathLike) -> Grid:
@@ -69,60 +173,18 @@ def load_grid(path: str | os.PathLike) -> Grid:
     data, lines = parse_yaml(read_text(path, label, "sweep file"), label)
     if not isinstance(data, dict):
         raise ConfigError([f"{label}: expected a mapping with 'grid' (and optionally "
-                           f"'fixed', 'notebook', 'teardown')"])
-
-    def at(*loc) -> str:
-        line = (lines.get(loc + ("<key>",)) or lines.get(loc)) if loc else None
-        return f"{label}:{line}" if line else label
-
-    problems = []
-    unknown = set(data) - {"grid", "fixed", "notebook", "teardown"}
-    problems += [f"{at(k)}: {k}: unknown key; expected grid, fixed, notebook or teardown"
-                 for k in sorted(unknown, key=str)]
-    notebook = data.get("notebook", POINT_NOTEBOOK)
-    valid: dict[str, Any] = {}
-    why = _notebook_problem(notebook)
-    if why:
-        problems.append(f"{at('notebook')}: notebook: {why}")
-    else:
-        valid = notebook_parameters(NOTEBOOKS / notebook)
-    grid, fixed = data.get("grid"), data.get("fixed") or {}
-    if not isinstance(grid, dict) or not grid:
-        problems.append(f"{at('grid')}: grid: expected a mapping of parameter: [values], "
-                        f"got {_short(grid)}")
-        grid = {}
-    if not isinstance(fixed, dict):
-        problems.append(f"{at('fixed')}: fixed: expected a mapping of parameter: value, "
-                        f"got {_short(fixed)}")
-        fixed = {}
-    teardown = data.get("teardown", True)
-    if not isinstance(teardown, bool):
-        problems.append(f"{at('teardown')}: teardown: expected true or false, "
-                        f"got {_short(teardown)}")
-    for section, entries in (("grid", grid), ("fixed", fixed)):
-        for key, value in entries.items():
-            if valid and key not in valid:
-                problems.append(f"{at(section, key)}: {section}.{key}: not a parameter of "
-                                f"{notebook}; expected one of {', '.join(sorted(valid))}")
-            if section == "grid" and (not isinstance(value, list) or not value):
-                problems.append(f"{at(section, key)}: grid.{key}: expected a non-empty list, "
-                                f"got {_short(value)}")
-    # the product's size from the axis lengths, without building it
-    npoints = 1
-    for value in grid.values():
-        npoints *= len(value) if isinstance(value, list) and value else 1
-    if npoints > MAX_POINTS:
-        problems.append(f"{at('grid')}: grid: {npoints} points, expected at most {MAX_POINTS}")
-    if problems:
-        raise ConfigError(problems)
-    return Grid(path, fixed, grid, notebook, teardown)
+                           f"'fixed', 'notebook', 'teardown'), got {short(data)}"])
+    try:
+        return Grid.model_validate(data, context={})
+    except ValidationError as e:
+        raise ConfigError([describe_error(err, label, lines, Grid) for err in e.errors()]) from None
 
 
 def _notebook_problem(notebook: Any) -> str:
     """Why `notebook` is not a notebook in notebooks/, or ''."""
     expected = "expected the name of a notebook in notebooks/"
     if not isinstance(notebook, str) or "/" in notebook or notebook.startswith("."):
-        return f"{expected}, got {_short(notebook)}"
+        return f"{expected}, got {short(notebook)}"
     nb_path = NOTEBOOKS / notebook
     if not nb_path.is_file():
         return f"{expected}, got {notebook!r}"
@@ -135,7 +197,7 @@ def _notebook_problem(notebook: Any) -> str:
                 f"{e.msg} at line {e.lineno}, column {e.colno})")
     except ValueError as e:                 # bytes that are not UTF-8/16/32
         return (f"expected a Jupyter notebook (.ipynb JSON), got {notebook!r} "
-                f"(not JSON: {_short(str(e))})")
+                f"(not JSON: {short(str(e))})")
     if not (isinstance(nb, dict) and isinstance(nb.get("cells"), list)
             and isinstance(nb.get("nbformat"), int)):
         return (f"expected a Jupyter notebook (.ipynb JSON), got {notebook!r} "
@@ -143,66 +205,257 @@ def _notebook_problem(notebook: Any) -> str:
     return ""
 
 
-def _short(value: Any, limit: int = 60) -> str:
-    text = repr(value)
-    return text if len(text) <= limit else text[:limit - 3] + "..."
+# -- what a point notebook hands its sweep ----------------------------------------
+
+
+@dataclass(frozen=True)
+class PointResult:
+    """The outcome of one point: the run it stored and how that run ended.
+    Written by the point notebook to its `result_path`, read by the sweep."""
+
+    __pydantic_config__ = ConfigDict(extra="forbid", strict=True)   # what read() accepts
+
+    run_id: str | None
+    status: Status
+    consistent: bool | None = None
+    error: str | None = None            # the first line of the run's error
+
+    @classmethod
+    def of(cls, result: RunResult) -> PointResult:
+        lines = str(result.error or "").strip().splitlines()
+        return cls(result.run_id, Status(result.status), result.consistent,
+                   lines[0][:500] if lines else None)
+
+    def write(self, path: str | os.PathLike) -> Path:
+        """Write atomically: the file is whole or absent, never half written."""
+        path = Path(path)
+        _write_atomic(path, json.dumps(asdict(self), indent=2) + "\n")
+        return path
+
+    @classmethod
+    def read(cls, path: str | os.PathLike) -> PointResult:
+        """The result at `path`; OSError if unreadable, ValueError if not a result."""
+        raw = Path(path).read_bytes()
+        try:
+            return _POINT_RESULT.validate_json(raw)
+        except ValidationError as e:
+            raise ValueError(f"{path}: expected a point result, {_first_error(e)}") from None
+
+    def __str__(self) -> str:
+        text = f"run {self.run_id or '(none)'}: {self.status}"
+        if self.consistent is not None:
+            text += f", snapshot {'consistent' if self.consistent else 'inconsistent'}"
+        return f"{text}: {self.error}" if self.error else text
+
+
+_POINT_RESULT = TypeAdapter(PointResult)
+
+
+# -- the sweep's index -------------------------------------------------------------
+
+
+class SweepPoint(BaseModel):
+    """One point of a sweep, as index.json keeps it."""
+
+    index: int
+    params: dict[str, Any]               # the grid's values for this point
+    notebook: str                        # the executed notebook, in the sweep directory
+    status: Status = Status.FAILED
+    run_id: str | None = None
+    error: str | None = None
+    seconds: float = 0.0
+
+
+class SweepIndex(BaseModel):
+    """A sweep: its grid and every point done so far (index.json)."""
+
+    sweep_id: str
+    lab: str                             # the lab file
+    notebook: str                        # the point notebook
+    fixed: dict[str, Any]
+    grid: dict[str, list[Any]]
+    points: list[SweepPoint] = Field(default_factory=list)
+    # where it is saved (not saved itself: a moved directory still loads)
+    directory: Path | None = Field(None, exclude=True)
+
+    # -- files --------------------------------------------------------------
+    def save(self, directory: str | os.PathLike | None = None) -> Path:
+        """Write index.json atomically into `directory` (default: its own)."""
+        directory = Path(directory) if directory is not None else self.directory
+        if directory is None:
+            raise ValueError(f"sweep {self.sweep_id}: no directory to save the index in")
+        path = Path(directory) / INDEX_FILE
+        _write_atomic(path, self.model_dump_json(indent=2) + "\n")
+        return path
+
+    @classmethod
+    def load(cls, directory: str | os.PathLike) -> SweepIndex:
+        """The index in a sweep directory; OSError if absent, ValueError if not an index."""
+        path = Path(directory) / INDEX_FILE
+        text = path.read_text()
+        try:
+            index = cls.model_validate_json(text)
+        except ValidationError as e:
+            raise ValueError(f"{path}: expected a sweep index, {_first_error(e)}") from None
+        index.directory = Path(directory)
+        return index
+
+    @classmethod
+    def latest(cls, root: str | os.PathLike) -> SweepIndex:
+        """The newest sweep (last written index) under `root`, a directory of sweeps."""
+        found = sorted(Path(root).glob(f"*/{INDEX_FILE}"),
+                       key=lambda p: (p.stat().st_mtime, p.parent.name))
+        if not found:
+            raise FileNotFoundError(f"no sweep under {root}; run 'uffdlab sweep GRID.yml' "
+                                    f"or pass sweep_dir")
+        return cls.load(found[-1].parent)
+
+    @classmethod
+    def find(cls, lab: Lab, sweep_dir: str | os.PathLike | None = None) -> SweepIndex:
+        """The sweep in `sweep_dir`, or the lab's newest one when it is None."""
+        return cls.load(sweep_dir) if sweep_dir else cls.latest(sweeps_root(lab))
+
+    # -- contents -----------------------------------------------------------
+    @property
+    def failed(self) -> list[SweepPoint]:
+        return [p for p in self.points if p.status == Status.FAILED]
+
+    @property
+    def run_ids(self) -> list[str]:
+        return [p.run_id for p in self.points if p.run_id]
+
+    def summary(self) -> str:
+        """`sweep ID: N points, 2 ok, 1 failed` and the grid, for a reader."""
+        counts: dict[str, int] = {}
+        for p in self.points:
+            counts[str(p.status)] = counts.get(str(p.status), 0) + 1
+        return (f"sweep {self.sweep_id}: {len(self.points)} points"
+                + "".join(f", {n} {s}" for s, n in sorted(counts.items(), key=lambda kv: -kv[1]))
+                + f"\ngrid: {self.grid}")
+
+    # -- with the stored runs -------------------------------------------------
+    def frames(self, source: Any) -> Frames:
+        """The stored runs of this sweep's points, from the results database at
+        `source` (a Lab or a path), as results.load() gives them."""
+        from . import report, results
+        return report.subset(results.load(source), self.run_ids)
+
+    def table(self, frames: Frames) -> pd.DataFrame:
+        """A row per point (failed ones too): its parameters, status, time and
+        its run's main metrics and verdict."""
+        import pandas as pd
+
+        from . import report
+        points = pd.DataFrame(
+            [{"point": p.index, **p.params, "status": str(p.status), "run_id": p.run_id,
+              "seconds": p.seconds} for p in self.points],
+            columns=["point", *self.grid, "status", "run_id", "seconds"])
+        metrics = frames.runs[["run_id", "accel", "snapshot_ms", "pause_ms", "lat_p99_us",
+                               "stall_max_ms", "mismatched_pages"]]
+        table = points.merge(metrics, on="run_id", how="left")
+        by_id = frames.runs.set_index("run_id")
+        table["verdict"] = [report.verdict(by_id.loc[p.run_id])
+                            if p.run_id in by_id.index else
+                            f"FAILED: {p.error}" if p.error else str(p.status)
+                            for p in self.points]
+        return table.set_index("point")
+
+    def notes(self, frames: Frames) -> str:
+        """Lines a reader must not miss: failed points, and runs that mix
+        accelerators (TCG and KVM numbers are not comparable)."""
+        lines = [f"point {p.index} failed: {p.error}  (notebook: {p.notebook})"
+                 for p in self.failed]
+        accels = sorted(set(frames.runs["accel"].dropna()))
+        if len(accels) > 1:
+            lines.append(f"WARNING: these runs mix accelerators {accels} - compare within "
+                         f"one only")
+        return "\n".join(lines)
+
+
+def plot_groups(runs: pd.DataFrame, x: str) -> list[str]:
+    """The `by` columns for plotting a sweep's runs against `x`: a line per
+    strategy and per value of every other parameter the runs vary."""
+    vary = [c for c in ("param_size", "param_writers", "param_backing", "param_pattern")
+            if c in runs and runs[c].nunique() > 1]
+    return ["param_strategy"] + [c for c in vary if c != x]
+
+
+def sweeps_root(lab: Lab) -> Path:
+    """Where a lab's sweeps go: results/sweeps/<sweep id>/ next to its database."""
+    return lab.results_path.parent / "sweeps"
+
+
+# -- running a sweep ---------------------------------------------------------------
 
 
 @dataclass
 class SweepResult:
-    sweep_id: str
-    directory: Path
-    points: list[dict] = field(default_factory=list)
-    report: Path | None = None
+    index: SweepIndex
+    report: Path | None = None           # the executed 20-sweep notebook
 
     @property
-    def failed(self) -> list[dict]:
-        return [p for p in self.points if p["status"] == "failed"]
+    def directory(self) -> Path:
+        return self.index.directory
+
+    @property
+    def points(self) -> list[SweepPoint]:
+        return self.index.points
+
+    @property
+    def failed(self) -> list[SweepPoint]:
+        return self.index.failed
 
 
 def run_sweep(lab: Lab, grid: Grid, listener: Listener | None = None,
               out_root: Path | None = None) -> SweepResult:
-    import papermill
-
     ev = Emitter("sweep", listener)
     points = grid.points()
-    digest = hashlib.sha256(json.dumps([grid.fixed, grid.axes], sort_keys=True,
+    digest = hashlib.sha256(json.dumps([grid.fixed, grid.grid], sort_keys=True,
                                        default=str).encode()).hexdigest()[:6]
     sweep_id = time.strftime("%Y%m%d-%H%M%S-") + digest
-    out = (out_root or lab.results_path.parent / "sweeps") / sweep_id
+    out = (out_root or sweeps_root(lab)) / sweep_id
     out.mkdir(parents=True, exist_ok=True)
-    result = SweepResult(sweep_id, out)
-    index = {"sweep_id": sweep_id, "lab": str(lab.source), "notebook": grid.notebook,
-             "fixed": grid.fixed, "grid": grid.axes, "points": result.points}
+    index = SweepIndex(sweep_id=sweep_id, lab=str(lab.source), notebook=grid.notebook,
+                       fixed=grid.fixed, grid=grid.grid, directory=out)
     ev.emit(Kind.PROGRESS, f"0/{len(points)} points", done=0, total=len(points))
     for i, point in enumerate(points):
-        params = {**grid.fixed, **point, "lab_path": str(lab.source.resolve()),
-                  "sweep_id": sweep_id, "teardown": False}
-        nb_out = out / f"point-{i:03d}.ipynb"
+        nb_out, result_file = out / f"point-{i:03d}.ipynb", out / f"point-{i:03d}.result.json"
+        params = {**grid.fixed, **point,      # then SET_BY_SWEEP:
+                  "lab_path": str(lab.source.resolve()), "sweep_id": sweep_id,
+                  "teardown": False, "result_path": str(result_file)}
         t0 = time.monotonic()
-        entry = {"index": i, "params": point, "notebook": nb_out.name, "status": "failed",
-                 "run_id": None, "error": None, "seconds": 0.0}
-        try:
-            papermill.execute_notebook(str(NOTEBOOKS / grid.notebook), str(nb_out),
-                                       parameters=params, kernel_name=KERNEL,
-                                       progress_bar=False, cwd=str(NOTEBOOKS))
-            found = result_line(nb_out)
-            if found is None:
-                entry["error"] = "the notebook printed no RESULT line"
-            else:
-                entry.update(run_id=found.get("run_id"), status=found.get("status", "failed"),
-                             error=found.get("error"))
-        except Exception as e:               # a failed point is data, not the end
-            entry["error"] = _first_line(e)
-        entry["seconds"] = round(time.monotonic() - t0, 1)
-        result.points.append(entry)
-        _write_json(out / "index.json", index)
-        ev.emit(Kind.PROGRESS, f"{i + 1}/{len(points)} points; last {entry['status']} "
-                f"({_describe(point)})", done=i + 1, total=len(points))
+        outcome = _execute_point(NOTEBOOKS / grid.notebook, nb_out, params, result_file)
+        entry = SweepPoint(index=i, params=point, notebook=nb_out.name, status=outcome.status,
+                           run_id=outcome.run_id, error=outcome.error,
+                           seconds=round(time.monotonic() - t0, 1))
+        index.points.append(entry)
+        index.save()
+        ev.emit(Kind.PROGRESS, f"{i + 1}/{len(points)} points; last {entry.status} "
+                f"({_describe_point(point)})", done=i + 1, total=len(points))
     if grid.teardown:
         _teardown(lab, grid, points, ev)
-    result.report = _render_report(out, lab, ev)
-    return result
+    return SweepResult(index, _render_report(out, lab, ev))
+
+
+def _execute_point(notebook: Path, nb_out: Path, params: dict[str, Any],
+                   result_file: Path) -> PointResult:
+    """Execute one point's notebook and read the result it wrote; a notebook
+    that raised, or wrote nothing usable, is a failed point saying why."""
+    import papermill
+    try:
+        papermill.execute_notebook(str(notebook), str(nb_out), parameters=params,
+                                   kernel_name=KERNEL, progress_bar=False, cwd=str(NOTEBOOKS))
+    except Exception as e:               # a failed point is data, not the end
+        return PointResult(None, Status.FAILED, None, _first_line(e))
+    try:
+        return PointResult.read(result_file)
+    except FileNotFoundError:
+        why = f"the notebook wrote no result file ({result_file.name})"
+    except OSError as e:
+        why = f"cannot read {result_file.name}: {e.strerror}"
+    except ValueError as e:
+        why = str(e)
+    return PointResult(None, Status.FAILED, None, why)
 
 
 def _render_report(out: Path, lab: Lab, ev: Emitter) -> Path | None:
@@ -236,30 +489,33 @@ def _teardown(lab: Lab, grid: Grid, points: list[dict], ev: Emitter) -> None:
             ev.emit(Kind.FAILED, f"teardown of {image}: {_first_line(e)}")
 
 
-def result_line(nb_path: Path) -> dict | None:
-    nb = json.loads(nb_path.read_text())
-    for cell in nb.get("cells", []):
-        for output in cell.get("outputs", []):
-            text = output.get("text", "")
-            text = "".join(text) if isinstance(text, list) else text
-            m = RESULT_RE.search(text)
-            if m:
-                return json.loads(m.group(1))
-    return None
+# -- helpers -------------------------------------------------------------------------
 
 
-def _write_json(path: Path, data: dict) -> None:
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(data, indent=2, default=str))
-    os.replace(tmp, path)
+def _write_atomic(path: Path, text: str) -> None:
+    """Write to a temporary file next to `path`, then rename it over `path`:
+    readers see the old file or the new one, and a failure leaves no trace."""
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        tmp.write_text(text)
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
 
 
-def _describe(point: dict) -> str:
+def _first_error(e: ValidationError) -> str:
+    err = e.errors()[0]
+    where = ".".join(map(str, err["loc"]))
+    return f"{where + ': ' if where else ''}{err['msg'][0].lower()}{err['msg'][1:]}"
+
+
+def _describe_point(point: dict) -> str:
     return ", ".join(f"{k}={v}" for k, v in point.items())
 
 
 def _first_line(e: Exception) -> str:
     text = str(e).strip()
     # papermill's error carries the cell's traceback; its last line says why
-    lines = [l for l in text.splitlines() if l.strip()]
+    lines = [line for line in text.splitlines() if line.strip()]
     return (lines[-1] if lines else type(e).__name__)[:500]

@@ -10,8 +10,9 @@ import pytest
 import yaml
 
 from tests.conftest import REPO, VM_CPUS, VM_MEMORY
+from uffdlab.model import Status
 from uffdlab.results import ResultsDB
-from uffdlab.sweep import KERNEL, load_grid, run_sweep
+from uffdlab.sweep import KERNEL, PointResult, SweepIndex, load_grid, run_sweep
 
 pytestmark = pytest.mark.integration
 NOTEBOOKS = REPO / "notebooks"
@@ -40,13 +41,6 @@ def pngs(nb: dict) -> int:
     return sum("image/png" in o.get("data", {}) for o in outputs(nb))
 
 
-def result_line(nb: dict) -> dict:
-    for line in text_of(nb).splitlines():
-        if line.startswith("RESULT {"):
-            return json.loads(line[len("RESULT "):])
-    raise AssertionError("the notebook printed no RESULT line")
-
-
 @pytest.fixture(scope="module")
 def lab_path(test_lab, provisioned) -> str:
     return str(test_lab.source)
@@ -60,14 +54,16 @@ def small(lab_path: str, **extra) -> dict:
 
 @pytest.mark.parametrize("inject,status", [("none", "ok"), ("fd-writes", "inconsistent")])
 def test_snapshot_notebook(lab_path, test_lab, tmp_path, inject, status):
-    nb = execute("10-snapshot.ipynb", tmp_path / "out.ipynb", **small(lab_path, inject=inject))
-    res = result_line(nb)
-    assert res["status"] == status
+    result_path = tmp_path / "result.json"
+    nb = execute("10-snapshot.ipynb", tmp_path / "out.ipynb",
+                 **small(lab_path, inject=inject, result_path=str(result_path)))
+    res = PointResult.read(result_path)
+    assert res.status == status
     assert pngs(nb) >= 1                                  # latency CDF / throughput
     text = text_of(nb)
     assert "<table" in text                               # provenance and summary tables
     with ResultsDB(test_lab.results_path) as db:
-        row = db.get(res["run_id"])
+        row = db.get(res.run_id)
     assert row["status"] == status and row["accel"] in text
 
 
@@ -91,11 +87,12 @@ def test_sweep_of_three_points_records_the_failing_one(lab_path, test_lab, tmp_p
         "grid": {"size": ["16M", "32M", "999G"]},
         "teardown": False}))
     res = run_sweep(test_lab, load_grid(grid_file), out_root=tmp_path / "sweeps")
-    assert [p["status"] for p in res.points] == ["ok", "ok", "failed"]
-    assert "999G" in res.points[2]["error"] or "does not fit" in res.points[2]["error"]
-    index = json.loads((res.directory / "index.json").read_text())
-    assert len(index["points"]) == 3
-    assert all((res.directory / p["notebook"]).exists() for p in index["points"])
+    assert [p.status for p in res.points] == [Status.OK, Status.OK, Status.FAILED]
+    assert "999G" in res.points[2].error or "does not fit" in res.points[2].error
+    index = SweepIndex.load(res.directory)
+    assert [p.status for p in index.points] == [Status.OK, Status.OK, Status.FAILED]
+    assert index.points[0].run_id and index.points[2].run_id is None
+    assert all((res.directory / p.notebook).exists() for p in index.points)
     assert res.report is not None
     report = json.loads(res.report.read_text())
     assert pngs(report) >= 1

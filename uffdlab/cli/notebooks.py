@@ -10,13 +10,13 @@ def cmd_sweep(args) -> int:
     from ..sweep import load_grid, run_sweep
     lab = lab_of(args)
     grid = load_grid(args.grid)
-    print(f"sweep: {len(grid.points())} points of {grid.notebook}", file=sys.stderr)
+    print(f"sweep: {grid.size} points of {grid.notebook}", file=sys.stderr)
     res = run_sweep(lab, grid, Renderer())
-    rows = [[str(p["index"]), ", ".join(f"{k}={v}" for k, v in p["params"].items()),
-             p["status"], p["run_id"] or "", f"{p['seconds']:.0f} s", (p["error"] or "")[:60]]
+    rows = [[str(p.index), ", ".join(f"{k}={v}" for k, v in p.params.items()), str(p.status),
+             p.run_id or "", f"{p.seconds:.0f} s", (p.error or "")[:60]]
             for p in res.points]
     table(["#", "point", "status", "run", "time", "error"], rows)
-    print(f"executed notebooks and index.json: {res.directory}")
+    print(f"executed notebooks, result files and index.json: {res.directory}")
     if res.report:
         print(f"sweep report: {res.report}")
     return EXIT_OK if not res.failed else EXIT_FAIL
@@ -30,23 +30,27 @@ def cmd_demo(args) -> int:
     import papermill
 
     from ..images import ImageStore
-    from ..sweep import KERNEL, NOTEBOOKS, POINT_NOTEBOOK, result_line
+    from ..sweep import KERNEL, NOTEBOOKS, POINT_NOTEBOOK, PointResult
     lab = lab_of(args)
     name, spec = lab.vm_spec(args.vm)
     ImageStore(lab, Renderer()).build(spec.image)
     out_dir = lab.results_path.parent / "notebooks"
     out_dir.mkdir(parents=True, exist_ok=True)
     out = out_dir / f"10-snapshot-{time.strftime('%Y%m%d-%H%M%S')}.ipynb"
+    result_file = out.with_suffix(".result.json")
     print(f"executing {POINT_NOTEBOOK} (boot, provision, run; several minutes under TCG)",
           file=sys.stderr)
     papermill.execute_notebook(str(NOTEBOOKS / POINT_NOTEBOOK), str(out),
                                parameters={"lab_path": str(lab.source.resolve()),
                                            "image": spec.image,
-                                           "teardown": not args.keep},
+                                           "teardown": not args.keep,
+                                           "result_path": str(result_file)},
                                kernel_name=KERNEL, progress_bar=True, cwd=str(NOTEBOOKS),
                                log_output=args.verbose)
-    found = result_line(out) or {}
-    print(f"run {found.get('run_id')}: {found.get('status')}")
+    try:
+        print(PointResult.read(result_file))
+    except (OSError, ValueError) as e:       # the notebook ended without writing it
+        print(f"no outcome from the notebook ({e})")
     print(f"executed notebook: {out}")
     print(f"results database:  {lab.results_path} ('uffdlab results')")
     return EXIT_OK
