@@ -11,8 +11,13 @@ from .config import Lab, load_lab
 from .model import Kind, RunResult
 from .results import store_run
 from .provision import ensure_provisioned
-from .runner import run
+from .runner import Prepared, prepare, run
+from .scenarios import for_strategy
+from .sweep import PointResult, SweepIndex
 from .vm import VM, VMState
+
+__all__ = ["open_lab", "vm_for", "ready", "plan_run", "run_and_store", "PointResult",
+           "SweepIndex"]
 
 
 def open_lab(path: str | Path | None = None) -> Lab:
@@ -30,6 +35,14 @@ def ready(vm: VM) -> VMState:
     vm.up(reuse=True)
     ensure_provisioned(vm)
     return vm.state()
+
+
+def plan_run(vm: VM, strategy: str, inject: str = "none", **params: Any) -> Prepared:
+    """The catalogue scenario that a snapshot strategy with an injected fault
+    runs (scenarios.for_strategy), its parameters checked against the VM's
+    shape before anything boots."""
+    scenario = for_strategy(strategy, inject)
+    return prepare(vm, scenario.id, {**params, "strategy": strategy})
 
 
 def run_and_store(vm: VM, scenario: str, params: dict[str, Any] | None = None,
