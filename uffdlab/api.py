@@ -8,16 +8,15 @@ from pathlib import Path
 from typing import Any
 
 from .config import Lab, load_lab
-from .model import Kind, RunResult
-from .results import store_run
+from .matrix import run_matrix
 from .provision import ensure_provisioned
-from .runner import Prepared, prepare, run
+from .runner import Prepared, prepare, run_and_store
 from .scenarios import for_strategy
 from .sweep import PointResult, SweepIndex
 from .vm import VM, VMState
 
-__all__ = ["open_lab", "vm_for", "ready", "plan_run", "run_and_store", "PointResult",
-           "SweepIndex"]
+__all__ = ["open_lab", "vm_for", "ready", "plan_run", "run_and_store", "run_matrix",
+           "PointResult", "SweepIndex"]
 
 
 def open_lab(path: str | Path | None = None) -> Lab:
@@ -43,16 +42,3 @@ def plan_run(vm: VM, strategy: str, inject: str = "none", **params: Any) -> Prep
     shape before anything boots."""
     scenario = for_strategy(strategy, inject)
     return prepare(vm, scenario.id, {**params, "strategy": strategy})
-
-
-def run_and_store(vm: VM, scenario: str, params: dict[str, Any] | None = None,
-                  timeout: float | None = None) -> RunResult:
-    """Run a scenario (booting and provisioning as needed) and store it. A
-    database that cannot take the run gets it later: it waits in the spool
-    next to the database, and the event says where."""
-    res = run(vm, scenario, params, timeout)
-    outcome = store_run(vm.lab.results_path, res)
-    vm.emit(Kind.STORED, "; ".join([outcome.message, *outcome.spool_problems]),
-            run_id=res.run_id, stored=outcome.stored,
-            spooled_to=str(outcome.spooled_to or ""), imported=outcome.imported)
-    return res

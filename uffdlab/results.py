@@ -669,6 +669,33 @@ class ResultsDB:
         res.status = Status(res.status)
         return res
 
+    def frames(self, last: int | None = None, *, scenario: str | None = None,
+               vm: str | None = None, status: str | None = None) -> "Frames":
+        """Matching runs (filters as in runs()) as tidy DataFrames: see Frames."""
+        import pandas as pd
+
+        ids, args = self._select_ids(last, scenario, status, vm)
+        with self._lock, self._guard():
+            conn = self._conn
+            conn.execute("BEGIN")                # all frames from one snapshot
+            try:
+                runs = pd.read_sql_query(
+                    f"SELECT {self._select_list(_LIST_FIELDS)} FROM runs "
+                    f"WHERE run_id IN ({ids}) ORDER BY started, rowid", conn, params=args)
+
+                def child(table: str, cols: str, order: str) -> pd.DataFrame:
+                    return pd.read_sql_query(
+                        f"SELECT {cols} FROM {table} c JOIN runs r USING (run_id) "
+                        f"WHERE c.run_id IN ({ids}) ORDER BY r.started, r.rowid, {order}",
+                        conn, params=args)
+
+                latency = child("latency_hist", "c.run_id, c.bound_us, c.count", "c.bound_us")
+                faults = child("faults", "c.run_id, c.process, c.faults", "c.process")
+                mism = child("mismatches", "c.run_id, c.cause, c.pages", "c.cause")
+            finally:
+                conn.execute("COMMIT")
+        return _tidy_frames(runs, latency, faults, mism)
+
     # -- lifetime --
     def close(self) -> None:
         with self._lock:
@@ -928,30 +955,14 @@ def load(source: "str | os.PathLike | Lab", last: int | None = None,
          status: str | None = None) -> Frames:
     """Runs from the results database at `source` (a path, or a Lab: its
     `results_path`) as tidy DataFrames; filters as in ResultsDB.runs()."""
+    with ResultsDB(_path_of(source), readonly=True) as db:  # NoResultsDatabaseError if missing
+        return db.frames(last, scenario=scenario, vm=vm, status=status)
+
+
+def _tidy_frames(runs: "pd.DataFrame", latency: "pd.DataFrame", faults: "pd.DataFrame",
+                 mism: "pd.DataFrame") -> Frames:
+    """The raw query results as Frames: typed columns, params flattened, CDFs."""
     import pandas as pd
-
-    path = _path_of(source)
-    with ResultsDB(path, readonly=True) as db:   # NoResultsDatabaseError if missing
-        ids, args = db._select_ids(last, scenario, status, vm)
-        conn = db._conn
-        with db._lock, db._guard():
-            conn.execute("BEGIN")                # all frames from one snapshot
-            try:
-                runs = pd.read_sql_query(
-                    f"SELECT {db._select_list(_LIST_FIELDS)} FROM runs "
-                    f"WHERE run_id IN ({ids}) ORDER BY started, rowid", conn, params=args)
-
-                def child(table: str, cols: str, order: str) -> pd.DataFrame:
-                    return pd.read_sql_query(
-                        f"SELECT {cols} FROM {table} c JOIN runs r USING (run_id) "
-                        f"WHERE c.run_id IN ({ids}) ORDER BY r.started, r.rowid, {order}",
-                        conn, params=args)
-
-                latency = child("latency_hist", "c.run_id, c.bound_us, c.count", "c.bound_us")
-                faults = child("faults", "c.run_id, c.process, c.faults", "c.process")
-                mism = child("mismatches", "c.run_id, c.cause, c.pages", "c.cause")
-            finally:
-                conn.execute("COMMIT")
 
     for col in ("expect_consistent", "consistent"):
         runs[col] = runs[col].astype("boolean")
@@ -975,13 +986,16 @@ def load(source: "str | os.PathLike | Lab", last: int | None = None,
 
 # -- text table ---------------------------------------------------------------
 
-def _fmt_num(v: Any) -> str:
+def format_number(v: Any, missing: str = "-", grouped: bool = False) -> str:
+    """A metric for people: whole numbers as they are, others with the
+    decimals their size deserves (0, 1 or 2); `grouped` adds thousands
+    separators; None, NaN and inf are `missing`."""
     if v is None or (isinstance(v, float) and not math.isfinite(v)):
-        return "-"
+        return missing
     if isinstance(v, int):
-        return str(v)
-    a = abs(v)
-    return f"{v:.0f}" if a >= 100 else f"{v:.1f}" if a >= 10 else f"{v:.2f}"
+        return f"{v:,}" if grouped else str(v)
+    a, sep = abs(v), "," if grouped else ""
+    return f"{v:{sep}.0f}" if a >= 100 else f"{v:.1f}" if a >= 10 else f"{v:.2f}"
 
 
 _TABLE = (  # header, row -> text, right-aligned
@@ -997,11 +1011,11 @@ _TABLE = (  # header, row -> text, right-aligned
     ("status", lambda r: str(r.get("status") or "-") + (
         " (!)" if r.get("consistent") is not None and r.get("expect_consistent") is not None
         and bool(r["consistent"]) != bool(r["expect_consistent"]) else ""), False),
-    ("snapshot ms", lambda r: _fmt_num(r.get("snapshot_ms")), True),
-    ("p99 us", lambda r: _fmt_num(r.get("lat_p99_us")), True),
-    ("max stall ms", lambda r: _fmt_num(r.get("stall_max_ms")), True),
-    ("faults", lambda r: _fmt_num(r.get("faults_total")), True),
-    ("mismatched", lambda r: _fmt_num(r.get("mismatched_pages")), True),
+    ("snapshot ms", lambda r: format_number(r.get("snapshot_ms")), True),
+    ("p99 us", lambda r: format_number(r.get("lat_p99_us")), True),
+    ("max stall ms", lambda r: format_number(r.get("stall_max_ms")), True),
+    ("faults", lambda r: format_number(r.get("faults_total")), True),
+    ("mismatched", lambda r: format_number(r.get("mismatched_pages")), True),
 )
 
 

@@ -18,6 +18,7 @@ from typing import Any
 from . import scenarios
 from .model import Kind, RunResult, Status
 from .provision import ensure_provisioned
+from .results import store_run
 from .vm import VM
 
 # Time the guest may need beyond the writers' own duration (verify, teardown;
@@ -144,3 +145,16 @@ def _parse(line: str) -> dict | None:
         return json.loads(line)
     except ValueError:
         return None
+
+
+def run_and_store(vm: VM, scenario: str, params: dict[str, Any] | None = None,
+                  timeout: float | None = None) -> RunResult:
+    """Run a scenario (booting and provisioning as needed) and store it. A
+    database that cannot take the run gets it later: it waits in the spool
+    next to the database, and the event says where."""
+    res = run(vm, scenario, params, timeout)
+    outcome = store_run(vm.lab.results_path, res)
+    vm.emit(Kind.STORED, "; ".join([outcome.message, *outcome.spool_problems]),
+            run_id=res.run_id, stored=outcome.stored,
+            spooled_to=str(outcome.spooled_to or ""), imported=outcome.imported)
+    return res

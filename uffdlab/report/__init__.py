@@ -1,0 +1,25 @@
+"""What notebooks show: a progress listener, tables and plots of runs.
+
+Everything here takes what the rest of the package produces (a RunResult,
+a dict from `ResultsDB.get()`, a row or the table of `results.load(...).runs`,
+or the `Frames` themselves) and returns a pandas DataFrame, a matplotlib
+Figure or a string, so notebooks stay a few lines per step.
+
+    runs.py      the one input adapter: any of those -> RunView
+    progress.py  NotebookProgress, the listener notebooks pass to VMs
+    tables.py    feature, summary and provenance tables; verdicts
+    plots.py     latency CDF, stall vs duration, throughput, sweeps
+
+The report layer stays light: pandas and matplotlib, imported when a table
+or figure is asked for; no SSH, no Ansible.
+"""
+from .plots import plot_latency_cdf, plot_stall_vs_duration, plot_sweep, plot_throughput
+from .progress import NotebookProgress
+from .runs import RunView, as_run, as_runs, subset
+from .tables import (FEATURE_NOTES, failure_text, feature_table, provenance, result_line,
+                     runs_table, summary_table, verdict)
+
+__all__ = ["NotebookProgress", "feature_table", "summary_table", "provenance", "verdict",
+           "failure_text", "result_line", "plot_latency_cdf", "plot_stall_vs_duration",
+           "plot_throughput", "plot_sweep", "runs_table", "FEATURE_NOTES", "subset",
+           "RunView", "as_run", "as_runs"]

@@ -1,0 +1,259 @@
+"""Tables and one-line texts about runs and kernels, for notebooks.
+
+Each function takes what `runs.as_run`/`as_runs` accept and returns a pandas
+DataFrame or a string.
+"""
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Iterable, Mapping
+from typing import TYPE_CHECKING, Any
+
+from .. import scenarios
+from ..results import METRICS, format_number
+from .runs import RunView, as_run, as_runs
+
+if TYPE_CHECKING:
+    import pandas as pd
+
+# -- the kernel's features ------------------------------------------------------
+
+# What uffd-probe checks besides the feature bits: (label, probe key path,
+# the features.h entry whose release brought it).
+_PROBE_EXTRAS = (
+    ("WP register on memfd", ("wp_register", "memfd"), "WP_HUGETLBFS_SHMEM"),
+    ("WP register on shmem file", ("wp_register", "shmem"), "WP_HUGETLBFS_SHMEM"),
+    ("WP register on hugetlbfs", ("wp_register", "hugetlbfs"), "WP_HUGETLBFS_SHMEM"),
+    ("WP register on anonymous", ("wp_register", "anon"), "PAGEFAULT_FLAG_WP"),
+    ("UFFD_USER_MODE_ONLY", ("user_mode_only",), "USER_MODE_ONLY"),
+    ("/dev/userfaultfd", ("dev_userfaultfd",), "DEV_USERFAULTFD"),
+    ("PAGEMAP_SCAN ioctl", ("pagemap_scan",), "PAGEMAP_SCAN"),
+)
+# Feature bits the snapshot scenarios depend on, and why.
+FEATURE_NOTES = {
+    "PAGEFAULT_FLAG_WP": "write-protect faults reported (anonymous WP)",
+    "EVENT_FORK": "a fork child's mm gets its own uffd",
+    "EXACT_ADDRESS": "fault address not rounded to the page",
+    "WP_HUGETLBFS_SHMEM": "uffd-wp on shared memory: PTE markers",
+    "WP_UNPOPULATED": "empty anonymous PTEs protected too",
+    "WP_ASYNC": "kernel resolves WP faults itself (dirty tracking)",
+    "MOVE": "UFFDIO_MOVE",
+}
+
+
+def version_key(release: Any) -> tuple:
+    """'6.12' -> (6, 12), for ordering releases; anything else sorts last."""
+    try:
+        return tuple(int(x) for x in str(release).split("."))
+    except ValueError:
+        return (99,)
+
+
+def feature_releases(probes: Iterable[Mapping | None]) -> dict[str, str]:
+    """The first Linux release of each feature: features.h, as the probes saw it."""
+    first = dict(scenarios.first_kernels())
+    for p in probes:
+        first.update((p or {}).get("feature_min_kernel", {}))
+    return first
+
+
+def probe_column(label: str, probe: Mapping | None) -> str:
+    """'bookworm (6.1.0-37-cloud-amd64)': an image label with its kernel."""
+    k = (probe or {}).get("kernel")
+    return f"{label} ({k})" if k and k != label else label
+
+
+def _mark(v: Any) -> str:
+    return "✓" if v is True else "✗" if v is False else "–"
+
+
+def feature_table(probe_or_probes: Mapping[str, Any]) -> pd.DataFrame:
+    """The kernel's uffd features as uffd-probe found them.
+
+    One probe (the `facts['probe']` dict) gives one column; a dict
+    {label: probe} (e.g. {'bookworm': ..., 'trixie': ...}) gives them side
+    by side, headed 'label (kernel)'. Rows: each feature bit and the other
+    probe checks, with the first Linux release that has it; ordered by that
+    release. ✓ offered, ✗ not offered, – could not be tried.
+    """
+    import pandas as pd
+
+    one = "features" in probe_or_probes or probe_or_probes.get("type") == "probe"
+    probes = {"guest": probe_or_probes} if one else dict(probe_or_probes)
+    if not probes:
+        raise ValueError("feature_table: expected a probe dict or {label: probe}, got none")
+    first = feature_releases(probes.values())
+    names = list(dict.fromkeys(n for p in probes.values() for n in (p or {}).get("features", {})))
+    rows = [{"feature": f"UFFD_FEATURE_{name}", "first kernel": first.get(name, "?"),
+             "what for": FEATURE_NOTES.get(name, ""),
+             **{probe_column(lbl, p): _mark((p or {}).get("features", {}).get(name))
+                for lbl, p in probes.items()}} for name in names]
+    for label, path, entry in _PROBE_EXTRAS:
+        cells = {}
+        for lbl, p in probes.items():
+            v: Any = p or {}
+            for key in path:
+                v = v.get(key) if isinstance(v, Mapping) else None
+            cells[probe_column(lbl, p)] = _mark(v)
+        rows.append({"feature": label, "first kernel": first.get(entry, "?"), "what for": "",
+                     **cells})
+    rows.sort(key=lambda r: version_key(r["first kernel"]))     # stable: probe order kept
+    return pd.DataFrame(rows).set_index("feature")
+
+
+# -- one run ----------------------------------------------------------------------
+
+# (label, what to read, unit): a results.METRICS column, else a key of the
+# summary record (with the run's parameters, or the stored child rows, when
+# the summary is not at hand).
+_SUMMARY_ROWS = (
+    ("strategy", "strategy", ""),
+    ("backing", "backing", ""),
+    ("writers", "writers", "processes"),
+    ("RAM", "bytes", "MiB"),
+    ("snapshot duration", "snapshot_ms", "ms"),
+    ("copy after the instant", "copy_ms", "ms"),
+    ("arming (protect)", "arm_ms", "ms"),
+    ("pause", "pause_ms", "ms"),
+    ("copy throughput", "throughput_mb_s", "MB/s"),
+    ("faults (snapshot)", "faults_total", ""),
+    ("faults per process", "faults_per_process", ""),
+    ("fault latency p50", "lat_p50_us", "us"),
+    ("fault latency p99", "lat_p99_us", "us"),
+    ("fault latency max", "lat_max_us", "us"),
+    ("writer stall max", "stall_max_ms", "ms"),
+    ("writer stall total", "stall_total_ms", "ms"),
+    ("writer ops/s before", "ops_before", "ops/s"),
+    ("writer ops/s during", "ops_during", "ops/s"),
+    ("pages populated", "pages_populated", "pages"),
+    ("page tables delta", "vmpte_kb_delta", "kB"),
+    ("consistent", "consistent", ""),
+    ("mismatched pages", "mismatched_pages", "pages"),
+    ("mismatches by cause", "mismatches_by_cause", ""),
+)
+# Rows left out when the run has no value for them (older tools, stored rows).
+_OPTIONAL_ROWS = {"copy_ms", "arm_ms", "faults_per_process", "pages_populated",
+                  "vmpte_kb_delta"}
+
+
+def _value(run: RunView, key: str) -> Any:
+    if key in METRICS:
+        return run.metric(key)
+    if key in ("consistent", "faults_per_process", "mismatches_by_cause"):
+        return getattr(run, key)
+    return run.setting(key)
+
+
+def format_value(v: Any) -> str:
+    """A value of a summary for people: numbers as results.format_number
+    (with thousands separators), yes/no, 'cause n, ...' for a mapping."""
+    if isinstance(v, bool):
+        return "yes" if v else "no"
+    if v is None or isinstance(v, (int, float)):
+        return format_number(v, missing="–", grouped=True)
+    if isinstance(v, Mapping):
+        return ", ".join(f"{k} {format_value(x)}" for k, x in v.items()) or "none"
+    if isinstance(v, (list, tuple)):
+        return " / ".join(format_value(x) for x in v)
+    return str(v)
+
+
+def summary_table(result: Any) -> pd.DataFrame:
+    """The run's main figures, one per row (metric, value, unit)."""
+    import pandas as pd
+
+    run = as_run(result)
+    rows = [{"metric": "scenario", "value": f"{run.scenario or '?'} "
+             f"{run.scenario_name or ''}".strip(), "unit": ""},
+            {"metric": "status", "value": str(run.status or "?"), "unit": ""}]
+    for label, key, unit in _SUMMARY_ROWS:
+        v = _value(run, key)
+        if v is None and key in _OPTIONAL_ROWS:
+            continue
+        if unit == "MiB" and isinstance(v, (int, float)):
+            v = v / 2**20
+        rows.append({"metric": label, "value": format_value(v), "unit": unit})
+    if run.error:
+        rows.append({"metric": "error", "value": str(run.error), "unit": ""})
+    return pd.DataFrame(rows).set_index("metric")
+
+
+def provenance(result: Any) -> pd.DataFrame:
+    """Where a number came from: run id, kernel, accel, tools, image, command."""
+    import pandas as pd
+
+    run = as_run(result)
+    when = (time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(float(run.started)))
+            if run.started is not None else None)
+    rows = [("run id", run.run_id), ("started", when),
+            ("scenario", f"{run.scenario or ''} {run.scenario_name or ''}"),
+            ("vm", run.vm), ("image", run.image), ("image key", run.image_key),
+            ("kernel", run.kernel), ("accel", run.accel),
+            ("guest tools version", run.tools_version), ("command", run.command)]
+    return pd.DataFrame([{"": k, "value": "–" if v is None else str(v)}
+                         for k, v in rows]).set_index("")
+
+
+def verdict(result: Any) -> str:
+    """One line: the consistency verdict against what the scenario expects."""
+    run = as_run(result)
+    if run.status in ("failed", "timeout"):
+        err = str(run.error or "no error message").strip().splitlines()
+        return f"{run.status.upper()}: {err[0] if err else ''}"
+    consistent, expect = run.consistent, run.expect_consistent
+    if consistent is None:
+        return "not verified"
+    tail = "" if expect is None else " (expected)" if expect == consistent else " (UNEXPECTED)"
+    if consistent:
+        return ("consistent ✓ as expected" if expect is True
+                else f"consistent {'✓' if expect is not False else '✗'}{tail}")
+    pages = run.metric("mismatched_pages")
+    causes = run.mismatches_by_cause or {}
+    if causes:
+        top = sorted(causes.items(), key=lambda kv: -kv[1])
+        cause = ("cause " + top[0][0] if len(top) == 1 else
+                 "causes " + ", ".join(f"{c} ({n})" for c, n in top))
+    else:
+        cause = "cause unknown"
+    n = f"{int(pages):,} pages" if pages is not None else "pages unknown"
+    return f"INCONSISTENT: {n}, {cause}{tail}"
+
+
+def failure_text(result: Any, serial_lines: int = 40) -> str:
+    """A failed run's error, stderr and the guest console tail, for printing."""
+    run = as_run(result)
+    parts = [f"{run.status or '?'}: {run.error or 'no error message'}"]
+    if run.stderr:
+        parts += ["--- stderr ---", run.stderr.strip()[-3000:]]
+    if run.serial_log:
+        parts += [f"--- guest serial console (last {serial_lines} lines) ---",
+                  "\n".join(run.serial_log.splitlines()[-serial_lines:])]
+    return "\n".join(parts)
+
+
+def result_line(result: Any) -> str:
+    """`RESULT {...}`: the machine-readable last line of a scenario notebook."""
+    run = as_run(result)
+    out: dict[str, Any] = {"run_id": run.run_id, "status": run.status,
+                           "consistent": run.consistent}
+    if run.error:
+        out["error"] = run.error.strip().splitlines()[0][:500]
+    return "RESULT " + json.dumps(out)
+
+
+# -- many runs ----------------------------------------------------------------------
+
+def runs_table(runs: pd.DataFrame, columns: Iterable[str] | None = None) -> pd.DataFrame:
+    """A compact view of a runs DataFrame: parameters that vary, status,
+    verdict and the main metrics."""
+    if runs.empty:
+        return runs
+    params = [c for c in runs.columns if c.startswith("param_")
+              and runs[c].astype(str).nunique() > 1]
+    cols = list(columns) if columns is not None else (
+        ["run_id", "scenario", *params, "status", "snapshot_ms", "pause_ms", "stall_max_ms",
+         "lat_p99_us", "faults_total", "mismatched_pages"])
+    out = runs[[c for c in cols if c in runs.columns]].copy()
+    out["verdict"] = [verdict(run) for run in as_runs(runs)]
+    return out.reset_index(drop=True)
