@@ -168,19 +168,12 @@ def test_verdicts(stored):
     assert report.verdict({**got["r1"], "summary": None, "consistent": None}) == "not verified"
 
 
-def test_failure_text_and_result_line():
+def test_failure_text():
     text = report.failure_text(timed_out(), serial_lines=3)
     assert text.startswith("timeout: timed out after 100 s")
     assert "--- stderr ---\ntool said no" in text
     assert text.endswith("console 97\nconsole 98\nconsole 99")
     assert "console 96" not in text
-    line = report.result_line(timed_out())
-    assert line.startswith("RESULT ")
-    assert json.loads(line[len("RESULT "):]) == {"run_id": "r3", "status": "timeout",
-                                                 "consistent": None,
-                                                 "error": "timed out after 100 s"}
-    assert json.loads(report.result_line(s3())[7:]) == {"run_id": "r1", "status": "ok",
-                                                         "consistent": True}
 
 
 def test_feature_table_side_by_side():

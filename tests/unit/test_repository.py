@@ -5,6 +5,7 @@ from __future__ import annotations
 import ast
 import json
 import subprocess
+import sys
 
 import pytest
 
@@ -78,3 +79,12 @@ def test_readme_lab_yml_reference_lists_every_option():
     declared = {key for key, _, _ in option_help()}
     leaves = {k for k in declared if not any(o.startswith(k + ".") for o in declared)}
     assert documented == leaves, (sorted(leaves - documented), sorted(documented - leaves))
+
+
+def test_the_report_layer_stays_light():
+    """Notebooks and reports import without SSH or Ansible."""
+    code = ("import sys, uffdlab.report, uffdlab.results, uffdlab.model; "
+            "print(sorted(m for m in ('paramiko', 'ansible_runner') if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True,
+                         text=True, check=True).stdout.strip()
+    assert out == "[]"

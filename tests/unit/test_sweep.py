@@ -12,7 +12,7 @@ from pathlib import Path
 import papermill
 import pytest
 
-from uffdlab import sweep
+from uffdlab import report, sweep
 from uffdlab.cli import notebooks as cli_notebooks
 from uffdlab.config import ConfigError, load_lab
 from uffdlab.model import RunResult, Status
@@ -155,12 +155,12 @@ def test_sweep_index_frames_table_and_notes(lab):
         SweepPoint(index=2, params={"writers": 4}, notebook="p2", error="no fit"))
     frames = index.frames(lab)
     assert list(frames.runs["run_id"]) == ["r1", "r2"]
-    table = index.table(frames)
+    table = report.sweep_table(index, frames)
     assert list(table.index) == [0, 1, 2]
     assert list(table["status"]) == ["ok", "inconsistent", "failed"]
     assert table.loc[2, "verdict"] == "FAILED: no fit"
     assert table.loc[0, "snapshot_ms"] == 12.5
-    assert index.notes(frames) == "point 2 failed: no fit  (notebook: p2)"
+    assert report.sweep_notes(index, frames) == "point 2 failed: no fit  (notebook: p2)"
     assert index.summary().startswith("sweep s: 3 points, 1 ok, 1 inconsistent, 1 failed")
 
 

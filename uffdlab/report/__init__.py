@@ -9,6 +9,7 @@ Figure or a string, so notebooks stay a few lines per step.
     progress.py  NotebookProgress, the listener notebooks pass to VMs
     tables.py    feature, summary and provenance tables; verdicts
     plots.py     latency CDF, stall vs duration, throughput, sweeps
+    sweeps.py    a sweep's table of points, its notes, its plot groups
 
 The report layer stays light: pandas and matplotlib, imported when a table
 or figure is asked for; no SSH, no Ansible.
@@ -16,10 +17,11 @@ or figure is asked for; no SSH, no Ansible.
 from .plots import plot_latency_cdf, plot_stall_vs_duration, plot_sweep, plot_throughput
 from .progress import NotebookProgress
 from .runs import RunView, as_run, as_runs, subset
-from .tables import (FEATURE_NOTES, failure_text, feature_table, provenance, result_line,
+from .sweeps import sweep_groups, sweep_notes, sweep_table
+from .tables import (FEATURE_NOTES, failure_text, feature_table, provenance,
                      runs_table, summary_table, verdict)
 
 __all__ = ["NotebookProgress", "feature_table", "summary_table", "provenance", "verdict",
-           "failure_text", "result_line", "plot_latency_cdf", "plot_stall_vs_duration",
+           "failure_text", "plot_latency_cdf", "plot_stall_vs_duration",
            "plot_throughput", "plot_sweep", "runs_table", "FEATURE_NOTES", "subset",
-           "RunView", "as_run", "as_runs"]
+           "RunView", "as_run", "as_runs", "sweep_table", "sweep_notes", "sweep_groups"]

@@ -232,16 +232,6 @@ def failure_text(result: Any, serial_lines: int = 40) -> str:
     return "\n".join(parts)
 
 
-def result_line(result: Any) -> str:
-    """`RESULT {...}`: the machine-readable last line of a scenario notebook."""
-    run = as_run(result)
-    out: dict[str, Any] = {"run_id": run.run_id, "status": run.status,
-                           "consistent": run.consistent}
-    if run.error:
-        out["error"] = run.error.strip().splitlines()[0][:500]
-    return "RESULT " + json.dumps(out)
-
-
 # -- many runs ----------------------------------------------------------------------
 
 def runs_table(runs: pd.DataFrame, columns: Iterable[str] | None = None) -> pd.DataFrame:
