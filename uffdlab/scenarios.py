@@ -225,6 +225,8 @@ EXTRA = {p.name: p for p in (
 )}
 # Flags that are switches in uffd-snapshot.
 SWITCHES = ("fd_writes", "punch_hole", "fork_child", "zap_after_arm")
+# What only makes sense with a file other processes can map (or write).
+SHARED_ONLY = ("unregistered", "fork_child", "fd_writes", "punch_hole")
 
 
 @dataclass(frozen=True)
@@ -331,7 +333,18 @@ def resolve(scenario: Scenario, params: dict[str, Any]) -> dict[str, Any]:
 
 def check_against(scenario: Scenario, resolved: dict[str, Any], vm_memory: int,
                   probe: dict | None) -> None:
-    """Refuse, before running, what this VM or its kernel cannot do."""
+    """Refuse, before running, what this VM or its kernel cannot do, and the
+    combinations uffd-snapshot itself refuses (held together by a contract
+    test against `uffd-snapshot --dry-run`)."""
+    flags = {**scenario.flags, **resolved}
+    if resolved["backing"] == "anon":
+        for key in SHARED_ONLY:
+            if flags.get(key):
+                raise ScenarioError(f"backing: {scenario.id} ({key.replace('_', '-')}) needs "
+                                    f"shared memory (memfd, shmem or hugetlbfs), got anon")
+    if resolved["backing"] == "hugetlbfs" and flags.get("fd_writes"):
+        raise ScenarioError(f"backing: {scenario.id} writes through the fd, which hugetlbfs "
+                            f"files do not support; expected memfd or shmem, got hugetlbfs")
     size = parse_size(resolved["size"])
     if size > vm_memory // 2:
         raise ScenarioError(f"size: {resolved['size']} of guest RAM does not fit a VM with "

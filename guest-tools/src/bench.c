@@ -1,3 +1,4 @@
+/* SPDX-License-Identifier: MIT */
 /*
  * uffd-bench - the floors other numbers are compared with, measured in the
  * same run: memcpy bandwidth, and one uffd-wp fault round trip in a single
@@ -100,9 +101,13 @@ static void round_trips(struct rt *r)
 		die_sys("userfaultfd", "round-trip uffd");
 	}
 	ret = uffd_api(r->uffd, UFFD_FEATURE_WP_HUGETLBFS_SHMEM, &offered, NULL);
-	if (ret == -EOPNOTSUPP)
-		die_unsupported("WP_HUGETLBFS_SHMEM", "5.19", NULL,
-				"WP_HUGETLBFS_SHMEM needs Linux 5.19 (running %s)", kernel_release());
+	if (ret == -EOPNOTSUPP) {
+		const struct uffd_feature_info *f =
+			uffd_feature_by_bit(UFFD_FEATURE_WP_HUGETLBFS_SHMEM);
+
+		die_unsupported(f->name, f->min_kernel, NULL, "%s needs Linux %s (running %s)",
+				f->name, f->min_kernel, kernel_release());
+	}
 	if (ret) {
 		errno = -ret;
 		die_sys("ioctl(UFFDIO_API)", "round-trip uffd");

@@ -1,3 +1,4 @@
+/* SPDX-License-Identifier: MIT */
 /*
  * compat.h - uapi constants newer than the build host's kernel headers.
  *

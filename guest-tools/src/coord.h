@@ -1,13 +1,24 @@
+/* SPDX-License-Identifier: MIT */
 /*
- * coord.h - the coordinator (QEMU role) of uffd-snapshot.
- *
- * coord.c: setup, writers, liveness, the fault handler thread, reports.
- * strategy.c: the snapshot strategies and the copy loops.
+ * coord.h - the coordinator's state (QEMU's role in uffd-snapshot) and its
+ * supervision: liveness of the writers, the deadline, the fault handler's
+ * error, commands to the writers, and the signals that end a run.
  */
 #ifndef UFFDLAB_COORD_H
 #define UFFDLAB_COORD_H
 
-#include "snapshot.h"
+#include "ctl.h"
+#include "options.h"
+#include "util.h"
+#include "writer.h"
+
+#include <pthread.h>
+#include <stdatomic.h>
+#include <stdbool.h>
+#include <stdint.h>
+#include <sys/types.h>
+
+#define TIMEOUT_GRACE_MS 500    /* the last-resort alarm fires this long after --timeout */
 
 /* A process whose mm holds guest RAM and (usually) a uffd registered on it. */
 struct proc {
@@ -29,6 +40,9 @@ struct proc {
 
 enum phase { PH_IDLE, PH_PREARM, PH_ARMED, PH_COPIED };
 
+/* Copy state of a page (coord.pstate). */
+enum { PAGE_TODO, PAGE_COPYING, PAGE_COPIED };
+
 struct coord {
 	struct opts *o;
 	struct ctl *ctl;
@@ -48,8 +62,7 @@ struct coord {
 	pthread_t wthread[MAX_WRITERS];
 	struct wctx wctx[MAX_WRITERS];
 
-	/* copy state per page: 0 not copied, 1 being copied, 2 copied */
-	_Atomic uint8_t *pstate;
+	_Atomic uint8_t *pstate;    /* PAGE_* by page */
 	_Atomic uint64_t copied;
 	_Atomic int phase;
 	uint64_t *written_at_instant;   /* !prefill: bitmap copied at the instant */
@@ -82,18 +95,25 @@ struct coord {
 	int64_t rss_snap0, pte_snap0, rss_snap1, pte_snap1;
 };
 
-/* coord.c */
-void coord_check(struct coord *c);                 /* liveness, timeout, handler error */
-void coord_progress(struct coord *c, const char *phase, bool force);
-uint64_t coord_total_ops(struct coord *c);
-void coord_mem(struct coord *c, int64_t *rss, int64_t *pte);
+/*
+ * From here on no writer outlives the coordinator: a fatal error kills
+ * them (cleanup hook), and so do SIGINT, SIGTERM, SIGHUP and the hard
+ * timeout (--timeout + TIMEOUT_GRACE_MS), which print the one error record.
+ */
+void coord_guard(struct coord *c);
+void coord_unguard(void);
+
+/* Liveness (every 2 ms; set last_alive_check = 0 for now), deadline and
+ * the handler's error: exits 3 naming what went wrong. */
+void coord_check(struct coord *c);
+
+uint64_t coord_total_ops(struct coord *c);      /* page writes of all participants */
+uint64_t coord_total_faults(struct coord *c);   /* faults served after the instant */
+void coord_mem(struct coord *c, int64_t *rss, int64_t *pte);   /* writers' VmRSS, VmPTE */
+
+/* Commands: pause_all() returns once every participant is paused. */
 void pause_all(struct coord *c);
 void resume_all(struct coord *c);
-void coord_wait_until(struct coord *c, uint64_t t, const char *phase);
-
-/* strategy.c */
-void run_strategy(struct coord *c);
-void copy_page_claimed(struct coord *c, uint64_t p);
-int arm_all(struct coord *c, bool protect);
+void stop_all(struct coord *c);
 
 #endif

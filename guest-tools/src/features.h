@@ -1,3 +1,4 @@
+/* SPDX-License-Identifier: MIT */
 /*
  * features.h - what the kernel can offer the tools, and the first mainline
  * release that offers it: the one table.

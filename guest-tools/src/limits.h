@@ -1,3 +1,4 @@
+/* SPDX-License-Identifier: MIT */
 /*
  * limits.h - numeric limits of uffd-snapshot's options, the one source.
  *

@@ -1,3 +1,4 @@
+/* SPDX-License-Identifier: MIT */
 /*
  * uffd-probe - what does the running kernel offer for uffd-wp?
  *
@@ -272,7 +273,7 @@ int main(int argc, char **argv)
 	j_int(&j, "version", 1);
 	j_str(&j, "kernel", kernel_release());
 	j_int(&j, "page_size", sysconf(_SC_PAGESIZE));
-	j_str(&j, "uffd_source", have_api ? uffd_source_name(src) : NULL);
+	j_str(&j, "uffd_source", have_api ? uffd_source_names[src] : NULL);
 	j_bool(&j, "syscall_userfaultfd", sys_err == 0);
 	j_str(&j, "syscall_error", sys_err ? strerror(sys_err) : NULL);
 	j_bool(&j, "user_mode_only", uo_fd >= 0);

@@ -1,10 +1,18 @@
+/* SPDX-License-Identifier: MIT */
 /*
  * selftest.c - `uffd-snapshot --self-test`: checks of the parts that need
- * no kernel support: parsing, histogram, JSON, stamps, and above all the
- * verifier, which must report every kind of damage done to a snapshot.
+ * no kernel support: parsing, histogram, JSON, stamps, the plan, and above
+ * all the verifier, which must report every kind of damage done to a
+ * snapshot.
  */
-#include "snapshot.h"
+#include "selftest.h"
+#include "options.h"
+#include "plan.h"
+#include "stamp.h"
+#include "uffd.h"
+#include "util.h"
 
+#include <signal.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -25,7 +33,7 @@ static void check(bool ok, const char *what, int line)
 	g_fail++;
 	snprintf(buf, sizeof(buf), "line %d: %s", line, what);
 	j_str(&g_fails, NULL, buf);
-	fprintf(stderr, "uffd-snapshot self-test: FAILED %s\n", buf);
+	fprintf(stderr, SNAPSHOT_TOOL " self-test: FAILED %s\n", buf);
 }
 
 static void test_parse(void)
@@ -112,6 +120,58 @@ static void test_stamp(void)
 	CHECK(!stamp_decode(w ^ 1, 77, 3, &s));
 	CHECK(!stamp_decode(0, 77, 3, &s));
 	CHECK(page_pattern_word(5, 9, true) != 0 && page_pattern_word(5, 9, false) == 0);
+}
+
+/* Every enumerated choice has a name: the tables parse and print. */
+static void test_names(void)
+{
+	for (int i = 0; i < ST_N; i++)
+		CHECK(strategy_names[i] != NULL);
+	for (int i = 0; i < B_N; i++)
+		CHECK(backing_names[i] != NULL);
+	for (int i = 0; i < PAT_N; i++)
+		CHECK(pattern_names[i] != NULL);
+	for (int i = 0; i < KW_N; i++)
+		CHECK(kwrite_names[i] != NULL);
+	for (int i = 0; i < V_N; i++)
+		CHECK(vmode_names[i] != NULL);
+	for (int i = 0; i < UNPROT_N; i++)
+		CHECK(unprotect_names[i] != NULL);
+	for (int i = 0; i < REL_N; i++)
+		CHECK(release_names[i] != NULL);
+	for (int i = 0; i < UFFD_SRC_N; i++)
+		CHECK(uffd_source_names[i] != NULL);
+	for (int i = 0; i < NEED_N; i++)
+		CHECK(need_info[i].name != NULL && need_info[i].release != NULL);
+}
+
+/* The plan: what needs what, and releases compared as numbers. */
+static void test_plan(void)
+{
+	struct opts o = { .strategy = ST_WP, .backing = B_MEMFD, .prefill = true };
+	struct plan p = plan_features(&o);
+
+	CHECK(p.need == NEED_BIT(NEED_WP_HUGETLBFS_SHMEM));
+	CHECK(p.ask == UFFD_FEATURE_WP_HUGETLBFS_SHMEM && !p.ask_if_offered);
+	CHECK(!strcmp(plan_first_kernel(&p), need_info[NEED_WP_HUGETLBFS_SHMEM].release));
+	o.strategy = ST_STW;
+	p = plan_features(&o);
+	CHECK(!p.need && !p.ask && !strcmp(plan_first_kernel(&p), "any"));
+	/* 5.11 is later than 5.7 */
+	o = (struct opts){ .strategy = ST_WP, .backing = B_ANON, .prefill = true,
+			   .uffd_source = UFFD_SRC_SYSCALL_USER_ONLY };
+	p = plan_features(&o);
+	CHECK(p.need == (NEED_BIT(NEED_PAGEFAULT_FLAG_WP) | NEED_BIT(NEED_THREAD_ID) |
+			 NEED_BIT(NEED_USER_MODE_ONLY)));
+	CHECK(!strcmp(plan_first_kernel(&p), need_info[NEED_USER_MODE_ONLY].release));
+	CHECK(p.ask == UFFD_FEATURE_THREAD_ID && p.ask_if_offered == UFFD_FEATURE_WP_UNPOPULATED);
+	o.prefill = false;
+	p = plan_features(&o);
+	CHECK(plan_needs(&p, NEED_WP_UNPOPULATED));
+	o.strategy = ST_ASYNC;
+	p = plan_features(&o);
+	CHECK(plan_needs(&p, NEED_WP_ASYNC) && plan_needs(&p, NEED_PAGEMAP_SCAN));
+	CHECK(p.ask & UFFD_FEATURE_WP_ASYNC);
 }
 
 /* A tiny RAM of 64 pages, an exact copy as snapshot, then one kind of
@@ -214,12 +274,14 @@ int self_test(void)
 	test_hist();
 	test_json();
 	test_stamp();
+	test_names();
+	test_plan();
 	test_verifier(false);
 	test_verifier(true);
 	j_init(&j);
 	j_obj_open(&j, NULL);
 	j_str(&j, "type", "self-test");
-	j_str(&j, "tool", "uffd-snapshot");
+	j_str(&j, "tool", SNAPSHOT_TOOL);
 	j_int(&j, "passed", g_pass);
 	j_int(&j, "failed", g_fail);
 	j_obj_close(&j);

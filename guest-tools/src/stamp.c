@@ -1,3 +1,4 @@
+/* SPDX-License-Identifier: MIT */
 /* stamp.c - see stamp.h */
 #include "stamp.h"
 #include "util.h"

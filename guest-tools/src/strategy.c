@@ -1,150 +1,28 @@
+/* SPDX-License-Identifier: MIT */
 /*
- * strategy.c - the snapshot strategies and their copy loops.
+ * strategy.c - see strategy.h.
  *
  * Every strategy defines one instant T at which all writers are paused; the
  * snapshot must equal guest RAM at T.  At T the coordinator bumps the epoch
  * so every later write carries epoch 1 (that is what the verifier reads).
  */
+#include "strategy.h"
 #include "coord.h"
+#include "copy.h"
+#include "report.h"
+#include "uffd.h"
+#include "util.h"
 
 #include <errno.h>
-#if defined(__SSE2__)
-#include <emmintrin.h>
-#endif
 #include <sched.h>
 #include <stdlib.h>
 #include <string.h>
 #include <sys/ioctl.h>
 #include <unistd.h>
 
-#define COPY_RUN 32          /* pages claimed at once by the copier */
-
-static inline void cpu_relax(void)
-{
-#if defined(__x86_64__) || defined(__i386__)
-	__builtin_ia32_pause();
-#else
-	sched_yield();
-#endif
-}
-
-/* ---- copying ---- */
-
-/*
- * Bulk copies use non-temporal stores: the snapshot is written once and
- * not read back soon, so streaming it past the cache saves the
- * read-for-ownership of every destination line.  glibc memcpy only does
- * this for copies larger than our runs.
- */
-static void copy_stream(uint8_t *dst, const uint8_t *src, size_t n)
-{
-#if defined(__SSE2__)
-	__m128i *d = (__m128i *)(void *)dst;
-	const __m128i *s = (const __m128i *)(const void *)src;
-
-	for (size_t i = 0; i < n / 16; i += 4) {
-		__m128i a = _mm_load_si128(s + i), b = _mm_load_si128(s + i + 1);
-		__m128i x = _mm_load_si128(s + i + 2), y = _mm_load_si128(s + i + 3);
-
-		_mm_stream_si128(d + i, a);
-		_mm_stream_si128(d + i + 1, b);
-		_mm_stream_si128(d + i + 2, x);
-		_mm_stream_si128(d + i + 3, y);
-	}
-	_mm_sfence();    /* visible before the page is marked copied */
-#else
-	memcpy(dst, src, n);
-#endif
-}
-
-static inline void copy_pages(struct coord *c, uint64_t first, uint64_t n)
-{
-	copy_stream(c->snap + first * c->psz, c->ram + first * c->psz, n * c->psz);
-}
-
-static bool claim(struct coord *c, uint64_t p)
-{
-	uint8_t expect = 0;
-
-	return atomic_compare_exchange_strong(&c->pstate[p], &expect, 1);
-}
-
-/* Handler side: make sure page p is in the snapshot before it changes. */
-void copy_page_claimed(struct coord *c, uint64_t p)
-{
-	if (claim(c, p)) {
-		copy_pages(c, p, 1);
-		atomic_store_explicit(&c->pstate[p], 2, memory_order_release);
-		atomic_fetch_add(&c->copied, 1);
-		return;
-	}
-	while (atomic_load_explicit(&c->pstate[p], memory_order_acquire) != 2)
-		cpu_relax();    /* the copier has it: at most COPY_RUN pages */
-}
-
-/* Un-protect [first, first+n) in every process once all of it is copied,
- * so later writes there don't fault (QEMU does the same per saved run). */
-static void release_chunk(struct coord *c, uint64_t first, uint64_t n)
-{
-	for (int i = 0; i < c->nproc; i++) {
-		struct proc *p = &c->proc[i];
-
-		if (p->uffd >= 0)
-			uffd_wp_or_die(p->uffd, p->base + first * c->psz, n * c->psz,
-				       false, false, "a copied chunk");
-	}
-}
-
-/* Copier side while faults may race: claim short runs, copy, release;
- * every CHUNK pages, un-protect what is done. */
-static void copy_all_claimed(struct coord *c)
-{
-	uint64_t chunk = (2u << 20) / c->psz ? (2u << 20) / c->psz : 1;
-	uint64_t p = 0, released = 0;
-
-	c->doing = "copying";
-	while (p < c->npages) {
-		uint64_t q = p;
-
-		while (q < c->npages && q - p < COPY_RUN && claim(c, q))
-			q++;
-		if (q == p) {          /* the handler has p: wait for it at release */
-			p++;
-		} else {
-			copy_pages(c, p, q - p);
-			for (uint64_t r = p; r < q; r++)
-				atomic_store_explicit(&c->pstate[r], 2, memory_order_release);
-			atomic_fetch_add(&c->copied, q - p);
-			p = q;
-		}
-		if (p - released >= chunk || p == c->npages) {
-			for (uint64_t r = released; r < p; r++)    /* pages the handler held */
-				while (atomic_load_explicit(&c->pstate[r], memory_order_acquire) != 2)
-					cpu_relax();
-			if (c->o->release_chunks)
-				release_chunk(c, released, p - released);
-			released = p;
-			coord_check(c);
-			coord_progress(c, "copy", false);
-		}
-	}
-}
-
-/* Nobody else touches the snapshot: plain copy in 2 MiB steps. */
-static void copy_all_plain(struct coord *c)
-{
-	uint64_t step = (2u << 20) / c->psz ? (2u << 20) / c->psz : 1;
-
-	c->doing = "copying";
-	for (uint64_t p = 0; p < c->npages; p += step) {
-		uint64_t n = c->npages - p < step ? c->npages - p : step;
-
-		copy_pages(c, p, n);
-		atomic_fetch_add(&c->copied, n);
-		coord_check(c);
-		coord_progress(c, "copy", false);
-	}
-}
+#define INJECT_SYNC_NS 2000000000ULL  /* wait at most 2 s for an injected write */
+#define SCAN_VEC 1024                 /* PAGEMAP_SCAN regions per ioctl */
+#define SCAN_ENOUGH 64                /* a rescan finding at most this many pages is the last */
 
 /* ---- arming ---- */
 
@@ -179,7 +57,7 @@ static void *arm_worker(void *arg)
 
 /* Protect (or un-protect) all of RAM in every registered process, with up
  * to one thread per CPU: the processes' page tables are independent. */
-int arm_all(struct coord *c, bool protect)
+static void arm_all(struct coord *c, bool protect)
 {
 	struct arm_job job = { .c = c, .protect = protect };
 	long ncpu = sysconf(_SC_NPROCESSORS_ONLN);
@@ -209,7 +87,6 @@ int arm_all(struct coord *c, bool protect)
 		c->arm_ns += now_ns() - t0;
 	else
 		c->disarm_ns += now_ns() - t0;
-	return 0;
 }
 
 static int cmp_u32(const void *a, const void *b)
@@ -272,7 +149,7 @@ static void take_instant(struct coord *c)
 		atomic_store(&c->ctl->ref_ns, c->ref_ns);   /* writers subtract it */
 	}
 	if (!o->prefill)
-		for (uint64_t w = 0; w < (c->npages + 63) / 64; w++)
+		for (uint64_t w = 0; w < bitmap_words(c->npages); w++)
 			c->written_at_instant[w] = atomic_load(&c->ctl->written[w]);
 	atomic_store(&c->ctl->epoch, 1);
 	c->t_instant = now_ns();
@@ -312,7 +189,7 @@ static bool injector_done(struct coord *c)
 
 static void wait_injectors(struct coord *c)
 {
-	uint64_t t0 = now_ns(), limit = t0 + 2000000000ULL;
+	uint64_t t0 = now_ns(), limit = t0 + INJECT_SYNC_NS;
 
 	c->doing = "waiting for injected writes";
 	while (!injector_done(c)) {
@@ -331,7 +208,7 @@ static void snapshot_begin(struct coord *c)
 	c->t_snap0 = now_ns();
 	c->ops_snap0 = coord_total_ops(c);
 	coord_mem(c, &c->rss_snap0, &c->pte_snap0);
-	coord_progress(c, "snapshot-start", true);
+	report_progress(c, "snapshot-start", true);
 }
 
 static void snapshot_end(struct coord *c)
@@ -385,7 +262,7 @@ static void strategy_wp(struct coord *c)
 	copy_all_claimed(c);
 	snapshot_end(c);
 	atomic_store(&c->phase, PH_COPIED);
-	if (!c->o->release_chunks) {
+	if (c->o->release == REL_END) {
 		c->doing = "disarming";
 		arm_all(c, false);
 	}
@@ -406,7 +283,7 @@ static void strategy_staggered(struct coord *c)
 	c->doing = "arming one by one";
 	for (int i = 0; i < c->nproc; i++) {
 		struct proc *p = &c->proc[i];
-		uint64_t a0, limit = now_ns() + 2000000000ULL;
+		uint64_t a0, limit = now_ns() + INJECT_SYNC_NS;
 
 		if (p->uffd < 0)
 			continue;
@@ -439,7 +316,7 @@ static void strategy_staggered(struct coord *c)
  * write-protect them again, atomically, in the same ioctl). */
 static uint64_t scan_written(struct coord *c)
 {
-	static struct page_region vec[1024];
+	static struct page_region vec[SCAN_VEC];
 	uint64_t count = 0;
 
 	for (int i = 0; i < c->nproc; i++) {
@@ -453,14 +330,15 @@ static uint64_t scan_written(struct coord *c)
 				.size = sizeof(arg),
 				.flags = PM_SCAN_WP_MATCHING | PM_SCAN_CHECK_WPASYNC,
 				.start = start, .end = end,
-				.vec = (uintptr_t)vec, .vec_len = 1024,
+				.vec = (uintptr_t)vec, .vec_len = SCAN_VEC,
 				.category_mask = PAGE_IS_WRITTEN,
 				.return_mask = PAGE_IS_WRITTEN,
 			};
 			long n = ioctl(p->pagemap_fd, PAGEMAP_SCAN, &arg);
 
 			if (n < 0)
-				die_sys("ioctl(PAGEMAP_SCAN)", "scanning writer %d for written pages", i);
+				die_sys("ioctl(PAGEMAP_SCAN)",
+					"scanning writer %d for written pages", i);
 			for (long k = 0; k < n; k++) {
 				for (uint64_t a = vec[k].start; a < vec[k].end; a += c->psz) {
 					uint64_t pg = (a - p->base) / c->psz;
@@ -481,7 +359,7 @@ static uint64_t scan_written(struct coord *c)
 
 static void recopy_scanned(struct coord *c)
 {
-	for (uint64_t w = 0; w < (c->npages + 63) / 64; w++) {
+	for (uint64_t w = 0; w < bitmap_words(c->npages); w++) {
 		while (c->scan_bits[w]) {
 			int b = __builtin_ctzll(c->scan_bits[w]);
 
@@ -506,8 +384,8 @@ static void strategy_async(struct coord *c)
 		c->dirty_round[c->rounds] = dirty;
 		recopy_scanned(c);
 		coord_check(c);
-		coord_progress(c, "rescan", true);
-		if (dirty <= 64) {
+		report_progress(c, "rescan", true);
+		if (dirty <= SCAN_ENOUGH) {
 			c->rounds++;
 			break;
 		}
@@ -525,9 +403,19 @@ static void strategy_async(struct coord *c)
 void run_strategy(struct coord *c)
 {
 	switch (c->o->strategy) {
-	case ST_STW: strategy_stw(c); break;
-	case ST_WP: strategy_wp(c); break;
-	case ST_WP_STAGGERED: strategy_staggered(c); break;
-	case ST_ASYNC: strategy_async(c); break;
+	case ST_STW:
+		strategy_stw(c);
+		break;
+	case ST_WP:
+		strategy_wp(c);
+		break;
+	case ST_WP_STAGGERED:
+		strategy_staggered(c);
+		break;
+	case ST_ASYNC:
+		strategy_async(c);
+		break;
+	case ST_N:
+		break;
 	}
 }

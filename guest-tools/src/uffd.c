@@ -1,3 +1,4 @@
+/* SPDX-License-Identifier: MIT */
 /* uffd.c - see uffd.h */
 #include "uffd.h"
 #include "features.h"
@@ -18,7 +19,7 @@ const struct uffd_feature_info uffd_features[] = {
 	UFFDLAB_FEATURES(FEATURE_ROW)
 };
 #undef FEATURE_ROW
-const size_t uffd_nfeatures = sizeof(uffd_features) / sizeof(uffd_features[0]);
+const size_t uffd_nfeatures = ARRAY_SIZE(uffd_features);
 
 const struct uffd_feature_info *uffd_feature_by_bit(uint64_t bit)
 {
@@ -28,15 +29,11 @@ const struct uffd_feature_info *uffd_feature_by_bit(uint64_t bit)
 	return NULL;
 }
 
-const char *uffd_source_name(enum uffd_source s)
-{
-	switch (s) {
-	case UFFD_SRC_SYSCALL: return "syscall";
-	case UFFD_SRC_SYSCALL_USER_ONLY: return "syscall-user-only";
-	case UFFD_SRC_DEV: return "devuserfaultfd";
-	}
-	return "?";
-}
+const char *const uffd_source_names[UFFD_SRC_N] = {
+	[UFFD_SRC_SYSCALL] = "syscall",
+	[UFFD_SRC_SYSCALL_USER_ONLY] = "syscall-user-only",
+	[UFFD_SRC_DEV] = "devuserfaultfd",
+};
 
 int uffd_open(enum uffd_source src)
 {
@@ -44,6 +41,8 @@ int uffd_open(enum uffd_source src)
 	int fd, dev;
 
 	switch (src) {
+	case UFFD_SRC_N:
+		break;
 	case UFFD_SRC_SYSCALL:
 	case UFFD_SRC_SYSCALL_USER_ONLY:
 		if (src == UFFD_SRC_SYSCALL_USER_ONLY)
@@ -102,13 +101,6 @@ int uffd_register(int uffd, void *addr, size_t len, uint64_t mode, uint64_t *ioc
 	if (ioctls)
 		*ioctls = reg.ioctls;
 	return 0;
-}
-
-int uffd_unregister(int uffd, void *addr, size_t len)
-{
-	struct uffdio_range r = { .start = (uintptr_t)addr, .len = len };
-
-	return ioctl(uffd, UFFDIO_UNREGISTER, &r) ? -errno : 0;
 }
 
 int uffd_wp(int uffd, uintptr_t addr, size_t len, bool protect, bool dontwake)

@@ -1,3 +1,4 @@
+/* SPDX-License-Identifier: MIT */
 /*
  * uffd.h - thin, checked wrappers around userfaultfd and pagemap.
  *
@@ -29,8 +30,10 @@ enum uffd_source {
 	UFFD_SRC_SYSCALL,           /* userfaultfd(2) */
 	UFFD_SRC_SYSCALL_USER_ONLY, /* userfaultfd(UFFD_USER_MODE_ONLY), 5.11 */
 	UFFD_SRC_DEV,               /* /dev/userfaultfd + USERFAULTFD_IOC_NEW, 6.1 */
+	UFFD_SRC_N
 };
-const char *uffd_source_name(enum uffd_source s);
+/* --uffd-source's names, as options and records spell them. */
+extern const char *const uffd_source_names[UFFD_SRC_N];
 
 /* New O_CLOEXEC|O_NONBLOCK userfaultfd; returns fd or -errno. */
 int uffd_open(enum uffd_source src);
@@ -42,7 +45,6 @@ int uffd_api(int uffd, uint64_t want, uint64_t *offered, uint64_t *ioctls);
 int uffd_query_features(enum uffd_source src, uint64_t *offered, uint64_t *ioctls);
 
 int uffd_register(int uffd, void *addr, size_t len, uint64_t mode, uint64_t *ioctls);
-int uffd_unregister(int uffd, void *addr, size_t len);
 /* protect=true sets uffd-wp, false clears it and (unless dontwake) wakes
  * the threads blocked on the range. */
 int uffd_wp(int uffd, uintptr_t addr, size_t len, bool protect, bool dontwake);

@@ -1,3 +1,4 @@
+/* SPDX-License-Identifier: MIT */
 /* util.c - see util.h */
 #include "util.h"
 
@@ -27,13 +28,12 @@ uint64_t now_ns(void)
 	struct timespec ts;
 
 	clock_gettime(CLOCK_MONOTONIC, &ts);
-	return (uint64_t)ts.tv_sec * 1000000000ULL + (uint64_t)ts.tv_nsec;
+	return (uint64_t)ts.tv_sec * NSEC_PER_SEC + (uint64_t)ts.tv_nsec;
 }
 
 void sleep_ns(uint64_t ns)
 {
-	struct timespec ts = { .tv_sec = (time_t)(ns / 1000000000ULL),
-			       .tv_nsec = (long)(ns % 1000000000ULL) };
+	struct timespec ts = ns_to_timespec(ns);
 
 	while (nanosleep(&ts, &ts) && errno == EINTR)
 		;
@@ -87,7 +87,7 @@ const char *signal_name(int sig)
 		{ SIGIO, "SIGIO" }, { SIGPWR, "SIGPWR" }, { SIGSYS, "SIGSYS" },
 	};
 
-	for (size_t i = 0; i < sizeof(names) / sizeof(names[0]); i++)
+	for (size_t i = 0; i < ARRAY_SIZE(names); i++)
 		if (names[i].sig == sig)
 			return names[i].name;
 	return NULL;
@@ -110,7 +110,6 @@ void describe_exit(int status, char *buf, size_t len)
 
 void util_set_cleanup(void (*fn)(void)) { g_cleanup = fn; }
 void util_set_child(bool child) { g_child = child; }
-bool util_is_child(void) { return g_child; }
 
 /* Print the error record and the stderr line, clean up, exit. */
 static __attribute__((noreturn))
@@ -568,18 +567,6 @@ void hist_add(struct hist *h, uint64_t ns)
 		h->max = ns;
 	if (ns < h->min)
 		h->min = ns;
-}
-
-void hist_merge(struct hist *dst, const struct hist *src)
-{
-	for (unsigned i = 0; i < HIST_BUCKETS; i++)
-		dst->b[i] += src->b[i];
-	dst->count += src->count;
-	dst->sum += src->sum;
-	if (src->max > dst->max)
-		dst->max = src->max;
-	if (src->min < dst->min)
-		dst->min = src->min;
 }
 
 uint64_t hist_quantile(const struct hist *h, double q)

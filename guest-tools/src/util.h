@@ -1,3 +1,4 @@
+/* SPDX-License-Identifier: MIT */
 /*
  * util.h - small helpers shared by the guest tools: clocks, error exits with
  * the documented exit codes, argument parsing, /proc readers, a JSON line
@@ -13,6 +14,7 @@
 #include <stddef.h>
 #include <stdint.h>
 #include <sys/types.h>
+#include <time.h>
 
 /* Exit codes shared by every tool (documented in README.md). */
 enum {
@@ -23,8 +25,14 @@ enum {
 };
 
 /* ---- clocks ---- */
+#define NSEC_PER_SEC 1000000000ULL
 uint64_t now_ns(void);                 /* CLOCK_MONOTONIC, shared by processes */
 void sleep_ns(uint64_t ns);
+static inline struct timespec ns_to_timespec(uint64_t ns)
+{
+	return (struct timespec){ .tv_sec = (time_t)(ns / NSEC_PER_SEC),
+				  .tv_nsec = (long)(ns % NSEC_PER_SEC) };
+}
 static inline double ns_to_ms(uint64_t ns) { return (double)ns / 1e6; }
 static inline double ns_to_us(uint64_t ns) { return (double)ns / 1e3; }
 
@@ -38,7 +46,6 @@ static inline double ns_to_us(uint64_t ns) { return (double)ns / 1e3; }
 extern const char *g_tool;
 void util_set_cleanup(void (*fn)(void));
 void util_set_child(bool child);
-bool util_is_child(void);
 
 /*
  * One fatal report per process: the first thread (or signal handler) to
@@ -129,7 +136,6 @@ struct hist {
 };
 void hist_init(struct hist *h);
 void hist_add(struct hist *h, uint64_t ns);
-void hist_merge(struct hist *dst, const struct hist *src);
 uint64_t hist_quantile(const struct hist *h, double q);   /* ns */
 /* {"count":..,"p50":..,"p90":..,"p99":..,"p999":..,"max":..,"mean":..} in us */
 void hist_json_summary(struct json *j, const char *key, const struct hist *h);
@@ -139,6 +145,13 @@ void hist_json_buckets(struct json *j, const char *key, const struct hist *h);
 /* ---- misc ---- */
 #define STR_(x) #x
 #define STR(x) STR_(x)           /* a macro's value as a string literal */
+#define ARRAY_SIZE(a) (sizeof(a) / sizeof((a)[0]))
+
+/* 64-bit words in a bitmap of n bits. */
+static inline size_t bitmap_words(uint64_t n)
+{
+	return (size_t)((n + 63) / 64);
+}
 
 static inline uint64_t rng_next(uint64_t *s)   /* xorshift64* */
 {

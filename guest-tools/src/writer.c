@@ -1,44 +1,31 @@
-/*
- * writer.c - the writer role: stamp pages at a given rate and pattern,
- * obey pause/resume/stop from the coordinator, and (in process mode) set up
- * its own mapping and uffd and pass the uffd on.
- */
-#include "snapshot.h"
+/* SPDX-License-Identifier: MIT */
+/* writer.c - see writer.h */
+#include "writer.h"
+#include "ctl.h"
+#include "options.h"
+#include "stamp.h"
+#include "uffd.h"
+#include "util.h"
 
 #include <errno.h>
 #include <fcntl.h>
-#include <linux/futex.h>
 #include <signal.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 #include <sys/mman.h>
 #include <sys/prctl.h>
-#include <sys/socket.h>
 #include <sys/syscall.h>
 #include <sys/uio.h>
 #include <sys/wait.h>
-#include <time.h>
 #include <unistd.h>
+
+#define STALL_NS 10000          /* an op slower than 10 us counts as a stall */
+#define DEBT_CAP_NS 10000000ULL /* after a long stall, catch up at most 10 ms of writes */
+#define SLEEP_MIN_NS 200000     /* ahead of the rate by more than this: sleep */
 
 /* Process mode: fds a fork child must not keep (see spawn_fork_child). */
 static int g_own_uffd = -1, g_own_sock = -1;
-
-/* ---- futex on the shared command word ---- */
-
-static void futex_wait(_Atomic uint32_t *addr, uint32_t val, uint64_t timeout_ns)
-{
-	struct timespec ts = { .tv_sec = (time_t)(timeout_ns / 1000000000ULL),
-			       .tv_nsec = (long)(timeout_ns % 1000000000ULL) };
-
-	/* Shared (not PRIVATE): coordinator and writers are separate processes. */
-	syscall(SYS_futex, (uint32_t *)addr, FUTEX_WAIT, val, &ts, NULL, 0);
-}
-
-void futex_wake_all(_Atomic uint32_t *addr)
-{
-	syscall(SYS_futex, (uint32_t *)addr, FUTEX_WAKE, 0x7fffffff, NULL, NULL, 0);
-}
 
 /* A writer that cannot go on records why, then exits; the coordinator sees
  * the death and reports the message. */
@@ -59,7 +46,7 @@ void writer_fail(struct wctx *w, const char *fmt, ...)
 			 strerror(err), err);
 	}
 	atomic_store(&s->state, SLOT_FAILED);
-	fprintf(stderr, "uffd-snapshot: writer %d: %s\n", w->id, s->error);
+	fprintf(stderr, SNAPSHOT_TOOL ": writer %d: %s\n", w->id, s->error);
 	if (w->o->backing == B_ANON)   /* a thread: take the whole run down */
 		die_runtime("writer %d: %s", w->id, s->error);
 	_exit(EXIT_RUNTIME);
@@ -82,6 +69,12 @@ static void account_stall(struct wstats *st, uint64_t d)
 }
 
 /* ---- page choice ---- */
+
+void writer_seed(struct wctx *w)
+{
+	w->rng = mix64(w->o->seed * 0x9E3779B97F4A7C15ULL + (uint64_t)w->id + 1);
+	w->cursor = w->npages * (uint64_t)w->id / (uint64_t)w->o->writers;
+}
 
 static uint64_t pick_page(struct wctx *w)
 {
@@ -205,17 +198,21 @@ static void write_page(struct wctx *w, struct wstats *st, uint64_t page,
 
 /* ---- one-shot injections right after the instant (writer 0) ---- */
 
+/* How many pages an injection touches: INJECT_PAGES, or all of a tiny RAM. */
+static uint64_t inject_pages(const struct wctx *w)
+{
+	return w->npages < INJECT_PAGES ? w->npages : INJECT_PAGES;
+}
+
 static uint64_t inject_first_page(struct wctx *w)
 {
-	uint64_t n = w->npages < INJECT_PAGES ? w->npages : INJECT_PAGES;
-
-	return rng_next(&w->rng) % (w->npages - n + 1);
+	return rng_next(&w->rng) % (w->npages - inject_pages(w) + 1);
 }
 
 static void inject_punch(struct wctx *w)
 {
 	struct slot *s = &w->ctl->slot[w->id];
-	uint64_t n = w->npages < INJECT_PAGES ? w->npages : INJECT_PAGES;
+	uint64_t n = inject_pages(w);
 	uint64_t first = inject_first_page(w);
 
 	s->punch_first = first;
@@ -228,7 +225,7 @@ static void inject_punch(struct wctx *w)
 static void inject_zap(struct wctx *w, struct wstats *st, uint32_t epoch, uint64_t *seq)
 {
 	struct slot *s = &w->ctl->slot[w->id];
-	uint64_t n = w->npages < INJECT_PAGES ? w->npages : INJECT_PAGES;
+	uint64_t n = inject_pages(w);
 	uint64_t first = inject_first_page(w);
 	uint8_t *addr = w->ram + first * w->psz;
 
@@ -266,7 +263,7 @@ static uint32_t do_pause(struct wctx *w, struct wstats *st)
 
 		if (atomic_load(&c->cmd) != CMD_PAUSE)
 			break;
-		futex_wait(&c->cmd_gen, gen, 100000000ULL);
+		ctl_wait(c, gen, CMD_POLL_NS);
 	}
 	d = now_ns() - t0;
 	ref = atomic_load(&c->ref_ns);      /* the verifier's copy is not a stall */
@@ -298,7 +295,7 @@ void writer_loop(struct wctx *w)
 	struct ctl *c = w->ctl;
 	struct slot *s = &c->slot[w->id];
 	int nwriters = w->o->writers;
-	uint64_t interval = 0, next, seq = 0, t, debt_cap = 10000000ULL;
+	uint64_t interval = 0, next, seq = 0, t;
 	enum stamp_how how = writer_how(w);
 	bool injected = !(w->id == 0 && (w->o->punch_hole || w->o->zap_after_arm));
 	struct wstats st = { 0 };
@@ -311,7 +308,7 @@ void writer_loop(struct wctx *w)
 
 		if (atomic_load(&c->cmd) != CMD_SETUP)
 			break;
-		futex_wait(&c->cmd_gen, gen, 100000000ULL);
+		ctl_wait(c, gen, CMD_POLL_NS);
 	}
 	atomic_store(&s->state, SLOT_RUNNING);
 	epoch = atomic_load(&c->epoch);
@@ -333,12 +330,12 @@ void writer_loop(struct wctx *w)
 		}
 		if (interval) {
 			t = now_ns();
-			if (next > t + 200000) {      /* ahead: sleep, but wake on commands */
-				futex_wait(&c->cmd_gen, gen, next - t);
+			if (next > t + SLEEP_MIN_NS) {  /* ahead: sleep, but wake on commands */
+				ctl_wait(c, gen, next - t);
 				continue;
 			}
-			if (t > next + debt_cap)      /* after a long stall, no endless burst */
-				next = t - debt_cap;
+			if (t > next + DEBT_CAP_NS)     /* after a long stall, no endless burst */
+				next = t - DEBT_CAP_NS;
 			next += interval;
 		}
 		if (!injected && epoch > 0) {
@@ -359,27 +356,6 @@ void writer_loop(struct wctx *w)
 
 /* ---- process mode ---- */
 
-static int send_hello(int sock, const struct hello *h, int fd)
-{
-	char cbuf[CMSG_SPACE(sizeof(int))];
-	struct iovec iov = { .iov_base = (void *)h, .iov_len = sizeof(*h) };
-	struct msghdr msg = { .msg_iov = &iov, .msg_iovlen = 1 };
-
-	if (fd >= 0) {
-		struct cmsghdr *cm;
-
-		memset(cbuf, 0, sizeof(cbuf));
-		msg.msg_control = cbuf;
-		msg.msg_controllen = sizeof(cbuf);
-		cm = CMSG_FIRSTHDR(&msg);
-		cm->cmsg_level = SOL_SOCKET;
-		cm->cmsg_type = SCM_RIGHTS;
-		cm->cmsg_len = CMSG_LEN(sizeof(int));
-		memcpy(CMSG_DATA(cm), &fd, sizeof(int));
-	}
-	return sendmsg(sock, &msg, MSG_NOSIGNAL) == (ssize_t)sizeof(*h) ? 0 : -errno;
-}
-
 /* Setup failed: tell the coordinator why (it prints the error) and exit. */
 static __attribute__((noreturn, format(printf, 4, 5)))
 void hello_fail(int sock, struct hello *h, int code, const char *fmt, ...)
@@ -391,7 +367,7 @@ void hello_fail(int sock, struct hello *h, int code, const char *fmt, ...)
 	va_end(ap);
 	h->ok = 0;
 	h->exit_code = code;
-	send_hello(sock, h, -1);
+	hello_send(sock, h, -1);
 	_exit(code);
 }
 
@@ -405,7 +381,7 @@ static int writer_uffd(const struct opts *o, int sock, struct hello *h,
 	uffd = uffd_open(o->uffd_source);
 	if (uffd < 0)
 		hello_fail(sock, h, EXIT_RUNTIME, "writer %d: userfaultfd (%s) failed: %s (errno %d)",
-			   h->id, uffd_source_name(o->uffd_source), strerror(-uffd), -uffd);
+			   h->id, uffd_source_names[o->uffd_source], strerror(-uffd), -uffd);
 	ret = uffd_api(uffd, o->uffd_features, NULL, NULL);
 	if (ret)
 		hello_fail(sock, h, ret == -EOPNOTSUPP ? EXIT_UNSUPPORTED : EXIT_RUNTIME,
@@ -415,11 +391,11 @@ static int writer_uffd(const struct opts *o, int sock, struct hello *h,
 	if (ret)
 		hello_fail(sock, h, EXIT_RUNTIME,
 			   "writer %d: ioctl(UFFDIO_REGISTER, MODE_WP) on %s failed: %s (errno %d)",
-			   h->id, backing_name(o->backing), strerror(-ret), -ret);
+			   h->id, backing_names[o->backing], strerror(-ret), -ret);
 	if (!(ioctls & (1ULL << _UFFDIO_WRITEPROTECT)))
 		hello_fail(sock, h, EXIT_UNSUPPORTED,
 			   "writer %d: UFFDIO_WRITEPROTECT not offered on %s memory",
-			   h->id, backing_name(o->backing));
+			   h->id, backing_names[o->backing]);
 	return uffd;
 }
 
@@ -518,12 +494,12 @@ void writer_process(const struct opts *o, struct ctl *ctl, int id, int fd,
 
 	w.ram = mmap(NULL, size, PROT_READ | PROT_WRITE, MAP_SHARED, fd, 0);
 	if (w.ram == MAP_FAILED)
-		hello_fail(sock, &h, EXIT_RUNTIME, "writer %d: mmap(MAP_SHARED, %zu bytes) failed: %s (errno %d)",
+		hello_fail(sock, &h, EXIT_RUNTIME,
+			   "writer %d: mmap(MAP_SHARED, %zu bytes) failed: %s (errno %d)",
 			   id, size, strerror(errno), errno);
 	h.ram_base = (uintptr_t)w.ram;
 	w.role = registered ? ROLE_REGISTERED : ROLE_UNREGISTERED;
-	w.rng = mix64(o->seed * 0x9E3779B97F4A7C15ULL + (uint64_t)id + 1);
-	w.cursor = npages * (uint64_t)id / (uint64_t)o->writers;
+	writer_seed(&w);
 	if (registered && o->strategy != ST_STW)
 		uffd = writer_uffd(o, sock, &h, w.ram, size);
 	if (o->populate)
@@ -539,7 +515,7 @@ void writer_process(const struct opts *o, struct ctl *ctl, int id, int fd,
 				   strerror((int)-w.child));
 		h.child_pid = w.child;
 	}
-	if (send_hello(sock, &h, uffd))
+	if (hello_send(sock, &h, uffd))
 		_exit(EXIT_RUNTIME);
 	/* The coordinator now holds the only uffd: if it dies, the uffd is
 	 * released, registrations go away and no write here blocks forever. */

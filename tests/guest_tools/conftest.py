@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -104,17 +105,25 @@ def probe(run_tool) -> dict:
     return done.one("probe")
 
 
+def first_releases() -> dict[str, str]:
+    """Every feature and capability of src/features.h with its first release."""
+    text = (TOOLS / "src" / "features.h").read_text()
+    return dict(re.findall(r'X\((\w+),(?:\s*\w+,)?\s*"([\d.]+)"\)', text))
+
+
 @pytest.fixture(scope="session")
 def require(probe):
     """require("WP_ASYNC"): skip, naming the feature and kernel, if it is missing."""
+    first_of = first_releases()
+
     def need(*features: str) -> None:
         for feat in features:
             if feat == "PAGEMAP_SCAN":
-                ok, first = probe["pagemap_scan"], "6.7"
+                ok, first = probe["pagemap_scan"], first_of["PAGEMAP_SCAN"]
             elif feat == "dev_userfaultfd":
-                ok, first = probe["dev_userfaultfd"], "6.1"
+                ok, first = probe["dev_userfaultfd"], first_of["DEV_USERFAULTFD"]
             elif feat == "user_mode_only":
-                ok, first = probe["user_mode_only"], "5.11"
+                ok, first = probe["user_mode_only"], first_of["USER_MODE_ONLY"]
             else:
                 ok, first = probe["features"][feat], probe["feature_min_kernel"][feat]
             if not ok:

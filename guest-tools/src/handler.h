@@ -1,0 +1,19 @@
+/* SPDX-License-Identifier: MIT */
+/*
+ * handler.h - the fault handler thread (the coordinator's uffd reader):
+ * reads every writer's uffd, and for each write fault copies the old page
+ * first (copy.h), then un-protects it in the faulting process (which wakes
+ * the writer) and, with --unprotect all, in every other one.  While
+ * pre-arming it only un-protects and records the page.  Its errors end the
+ * run at the next coord_check().
+ */
+#ifndef UFFDLAB_HANDLER_H
+#define UFFDLAB_HANDLER_H
+
+#include "coord.h"
+
+/* Start it if the strategy delivers faults to user space (uffd-wp ones). */
+void handler_start(struct coord *c);
+void handler_stop(struct coord *c);
+
+#endif
