@@ -15,8 +15,8 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import shutil
 import shlex
+import shutil
 import statistics
 import subprocess
 import sys
@@ -29,10 +29,10 @@ sys.path.insert(0, str(REPO))
 
 from uffdlab import scenarios  # noqa: E402
 from uffdlab.api import open_lab  # noqa: E402
-from uffdlab.results import ResultsDB  # noqa: E402
-from uffdlab.vm import VM  # noqa: E402
 from uffdlab.provision import provision, sources_tarball  # noqa: E402
+from uffdlab.results import ResultsDB  # noqa: E402
 from uffdlab.runner import prepare, run  # noqa: E402
+from uffdlab.vm import VM  # noqa: E402
 
 TARGETS = {"fresh": 30.0, "rerun": 10.0, "overhead": 2.0}
 

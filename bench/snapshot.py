@@ -42,7 +42,8 @@ def run_json(argv: list[str], kind: str, timeout: float = 600) -> dict:
     records = [json.loads(line) for line in done.stdout.splitlines() if line.strip()]
     found = [r for r in records if r.get("type") == kind]
     if done.returncode or not found:
-        sys.exit(f"{' '.join(argv)} failed ({done.returncode}):\n{done.stdout[-2000:]}\n{done.stderr[-2000:]}")
+        sys.exit(f"{' '.join(argv)} failed ({done.returncode}):\n{done.stdout[-2000:]}\n"
+                 f"{done.stderr[-2000:]}")
     return found[-1]
 
 
@@ -62,7 +63,8 @@ def median_summary(runs: list[dict]) -> dict:
     def med(get):
         vals = [get(r) for r in runs if get(r) is not None]
         return statistics.median(vals) if vals else None
-    lat = lambda k: (lambda r: r["fault_latency_us"][k])
+    def lat(k):
+        return lambda r: r["fault_latency_us"][k]
     return {
         "snapshot_ms": med(lambda r: r["snapshot_ms"]),
         "copy_ms": med(lambda r: r["copy_ms"]),
@@ -125,7 +127,8 @@ def main() -> int:
             r = results[(label, strategy)]
             gbs = r["bytes"] / (r["snapshot_ms"] * 1e6)
             p50rt = r["p50"] / rt_p50 if r["p50"] is not None else None
-            print(f"{label:7} {strategy:15} {r['snapshot_ms']:8.1f} {gbs:6.2f} {gbs / memcpy_gbs:8.2f} "
+            print(f"{label:7} {strategy:15} {r['snapshot_ms']:8.1f} {gbs:6.2f} "
+                  f"{gbs / memcpy_gbs:8.2f} "
                   f"{r['arm_ms']:7.1f} {r['pause_ms']:8.1f} {r['faults']:7.0f} {fmt(r['p50']):>7} "
                   f"{fmt(r['p90']):>7} {fmt(r['p99']):>8} {fmt(r['p999']):>8} {fmt(r['max']):>8} "
                   f"{fmt(p50rt, '.2f'):>6} {r['stall_max_ms']:8.1f} "
@@ -136,7 +139,8 @@ def main() -> int:
     gbs = wp["bytes"] / (wp["snapshot_ms"] * 1e6)
     checks = [
         ("uffd-wp throughput >= 0.5x memcpy", gbs / memcpy_gbs, 0.5, ">="),
-        ("max writer stall <= 0.1x stop-the-world", wp["stall_max_ms"] / stw["stall_max_ms"], 0.1, "<="),
+        ("max writer stall <= 0.1x stop-the-world", wp["stall_max_ms"] / stw["stall_max_ms"],
+         0.1, "<="),
         ("p50 fault-to-resolve <= 1.5x round trip", (wp["p50"] or 0) / rt_p50, 1.5, "<="),
     ]
     print("\ntargets, rate-limited row:")

@@ -13,9 +13,19 @@ from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import (AfterValidator, BaseModel, BeforeValidator, ConfigDict,
-                      Field, PrivateAttr, Strict, ValidationError, ValidationInfo,
-                      field_validator, model_validator)
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    PrivateAttr,
+    Strict,
+    ValidationError,
+    ValidationInfo,
+    field_validator,
+    model_validator,
+)
 
 from .paths import default_lab_file
 
@@ -116,7 +126,7 @@ class KernelSpec(_Model):
     cmdline: OneLine = Field("", description="Extra kernel command line for this kernel.")
 
     @model_validator(mode="after")
-    def _one_source(self) -> "KernelSpec":
+    def _one_source(self) -> KernelSpec:
         if self.package and self.vmlinuz:
             raise ValueError(f"expected either 'package' or 'vmlinuz', not both; got "
                              f"package {self.package!r} and vmlinuz '{self.vmlinuz}'")
@@ -266,7 +276,7 @@ class Lab(_Model):
         return v
 
     @model_validator(mode="after")
-    def _vm_images_exist(self) -> "Lab":
+    def _vm_images_exist(self) -> Lab:
         problems = _missing_images(self.images, self.vms)
         if problems:
             raise problems[0]       # lab_from_dict reports every one of them
@@ -531,7 +541,8 @@ _EXPECTED = {
     "string_type": "a string", "list_type": "a list",
     "dict_type": "a mapping of names to entries",
     "model_type": "a mapping of settings", "model_attributes_type": "a mapping of settings",
-    "greater_than_equal": "a number of at least {ge}", "less_than_equal": "a number of at most {le}",
+    "greater_than_equal": "a number of at least {ge}",
+    "less_than_equal": "a number of at most {le}",
     "greater_than": "a number greater than {gt}", "less_than": "a number less than {lt}",
     "string_pattern_mismatch": "text matching {pattern}",
     "path_type": "a file path", "finite_number": "a finite number",

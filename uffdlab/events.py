@@ -3,8 +3,9 @@ them. Nothing in the library prints."""
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any
 
 from .model import Kind
 

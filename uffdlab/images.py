@@ -24,6 +24,7 @@ from .events import Emitter, Listener
 from .keys import LabKeys
 from .model import Kind
 from .paths import IMAGES as IMAGES_DIR
+
 CUSTOMIZE = IMAGES_DIR / "customize.sh"
 # Bump when the way images are built changes, so caches rebuild.
 RECIPE_VERSION = 1

@@ -110,7 +110,7 @@ class ProcessId:
     tag: str
 
     @classmethod
-    def of(cls, pid: int, tag: str) -> "ProcessId":
+    def of(cls, pid: int, tag: str) -> ProcessId:
         """Record a process the caller has just started."""
         return cls(pid, start_time(pid) or 0, tag)
 
@@ -118,7 +118,7 @@ class ProcessId:
         return {"pid": self.pid, "start": self.start, "tag": self.tag}
 
     @classmethod
-    def from_dict(cls, d: dict | None) -> "ProcessId | None":
+    def from_dict(cls, d: dict | None) -> ProcessId | None:
         try:
             return cls(int(d["pid"]), int(d["start"]), str(d["tag"]))
         except (TypeError, KeyError, ValueError):

@@ -57,10 +57,11 @@ import sys
 import tempfile
 import threading
 import time
+from collections.abc import Iterable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field, is_dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Iterable, Iterator, Mapping
+from typing import TYPE_CHECKING, Any
 from urllib.parse import quote
 
 from .model import RunResult, Status
@@ -77,7 +78,7 @@ STATUSES = tuple(Status)
 BUSY_TIMEOUT_S = 10.0
 SPOOL_DIR = "spool"                    # next to the database file
 _SPOOL_FORMAT = "uffdlab-spooled-run"
-_INT64_MAX = 2**63 - 1                 # SQLite's largest integer (LIMIT)
+INT64_MAX = 2**63 - 1                 # SQLite's largest integer (LIMIT)
 
 # Test hook (the atomicity test): with UFFDLAB_TEST_STORE_PAUSE=runs (or
 # =logs) store() announces itself on stderr and sleeps inside its transaction
@@ -507,7 +508,7 @@ class ResultsDB:
                                       (run_id,)).fetchone() is not None
 
     # -- writing --
-    def store(self, result: "RunResult | Mapping[str, Any]", *, replace: bool = False) -> str:
+    def store(self, result: RunResult | Mapping[str, Any], *, replace: bool = False) -> str:
         """Write one run and all its rows in a single transaction; returns its id.
 
         A run id already stored is a `DuplicateRunError`, unless `replace`,
@@ -571,8 +572,8 @@ class ResultsDB:
     def _limit(last: int | None) -> tuple[str, list]:
         if last is None:
             return "", []
-        if isinstance(last, bool) or not isinstance(last, int) or not 0 < last <= _INT64_MAX:
-            raise ValueError(f"last: expected a positive number of runs (1 to {_INT64_MAX}), "
+        if isinstance(last, bool) or not isinstance(last, int) or not 0 < last <= INT64_MAX:
+            raise ValueError(f"last: expected a positive number of runs (1 to {INT64_MAX}), "
                              f"got {last!r}")
         return " LIMIT ?", [last]
 
@@ -670,7 +671,7 @@ class ResultsDB:
         return res
 
     def frames(self, last: int | None = None, *, scenario: str | None = None,
-               vm: str | None = None, status: str | None = None) -> "Frames":
+               vm: str | None = None, status: str | None = None) -> Frames:
         """Matching runs (filters as in runs()) as tidy DataFrames: see Frames."""
         import pandas as pd
 
@@ -701,7 +702,7 @@ class ResultsDB:
         with self._lock:
             self._conn.close()
 
-    def __enter__(self) -> "ResultsDB":
+    def __enter__(self) -> ResultsDB:
         return self
 
     def __exit__(self, *exc) -> None:
@@ -935,22 +936,22 @@ class Frames:
     mismatches: run_id, cause, pages.
     """
 
-    runs: "pd.DataFrame"
-    latency: "pd.DataFrame"
-    faults: "pd.DataFrame"
-    mismatches: "pd.DataFrame"
+    runs: pd.DataFrame
+    latency: pd.DataFrame
+    faults: pd.DataFrame
+    mismatches: pd.DataFrame
 
     def __repr__(self) -> str:
         return (f"Frames(runs={len(self.runs)}, latency={len(self.latency)}, "
                 f"faults={len(self.faults)}, mismatches={len(self.mismatches)})")
 
 
-def _path_of(source: "str | os.PathLike | Lab") -> Path:
+def _path_of(source: str | os.PathLike | Lab) -> Path:
     p = getattr(source, "results_path", None)
     return Path(p if p is not None else source).expanduser()
 
 
-def load(source: "str | os.PathLike | Lab", last: int | None = None,
+def load(source: str | os.PathLike | Lab, last: int | None = None,
          scenario: str | None = None, vm: str | None = None,
          status: str | None = None) -> Frames:
     """Runs from the results database at `source` (a path, or a Lab: its
@@ -959,8 +960,8 @@ def load(source: "str | os.PathLike | Lab", last: int | None = None,
         return db.frames(last, scenario=scenario, vm=vm, status=status)
 
 
-def _tidy_frames(runs: "pd.DataFrame", latency: "pd.DataFrame", faults: "pd.DataFrame",
-                 mism: "pd.DataFrame") -> Frames:
+def _tidy_frames(runs: pd.DataFrame, latency: pd.DataFrame, faults: pd.DataFrame,
+                 mism: pd.DataFrame) -> Frames:
     """The raw query results as Frames: typed columns, params flattened, CDFs."""
     import pandas as pd
 

@@ -7,9 +7,9 @@ import difflib
 import functools
 import math
 import re
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 from .config import format_size, parse_size
 from .paths import FEATURES_H, LIMITS_H

@@ -5,9 +5,9 @@ from __future__ import annotations
 import base64
 import socket
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
 
 import paramiko
 
@@ -24,7 +24,7 @@ class CommandResult:
     stderr: str
     seconds: float
 
-    def check(self) -> "CommandResult":
+    def check(self) -> CommandResult:
         if self.exit_status != 0:
             raise SSHError(f"'{self.command}' exited {self.exit_status}: "
                            f"{(self.stderr or self.stdout).strip()[-2000:]}")
@@ -124,7 +124,7 @@ class Session:
     def close(self) -> None:
         self.client.close()
 
-    def __enter__(self) -> "Session":
+    def __enter__(self) -> Session:
         return self
 
     def __exit__(self, *exc) -> None:

@@ -24,17 +24,33 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any
 
-from pydantic import (BaseModel, BeforeValidator, ConfigDict, Field, StrictBool, TypeAdapter,
-                      ValidationError, ValidationInfo, field_validator)
+from pydantic import (
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    StrictBool,
+    TypeAdapter,
+    ValidationError,
+    ValidationInfo,
+    field_validator,
+)
 
-from .config import (ConfigError, FieldProblem, Lab, describe_error, did_you_mean, parse_yaml,
-                     read_text, short)
+from .config import (
+    ConfigError,
+    FieldProblem,
+    Lab,
+    describe_error,
+    did_you_mean,
+    parse_yaml,
+    read_text,
+    short,
+)
 from .events import Emitter, Listener
 from .model import Kind, RunResult, Status
 from .paths import NOTEBOOKS
 
 if TYPE_CHECKING:
-    import pandas as pd
 
     from .results import Frames
 

@@ -35,7 +35,7 @@ from .events import Emitter, Listener
 from .images import Image, ImageStore
 from .keeper import cleanup, last_serial_log
 from .model import Kind
-from .owned import NotOursError, ProcessId, is_vm_dir, make_vm_dir
+from .owned import ProcessId, is_vm_dir, make_vm_dir
 from .paths import REPO
 from .qemu import QemuCommand
 from .ssh import Session, port_open
@@ -73,7 +73,7 @@ class VMState:
     lab: str = ""                   # the lab file that started it
 
     @classmethod
-    def load(cls, path: Path) -> "VMState":
+    def load(cls, path: Path) -> VMState:
         data = json.loads(path.read_text())
         known = {f.name for f in fields(cls)}
         return cls(**{k: v for k, v in data.items() if k in known})
@@ -167,7 +167,7 @@ class VM(Emitter):
 
     @classmethod
     def for_shape(cls, lab: Lab, image: str, memory: str | int = "1536M", cpus: int = 2,
-                  name: str | None = None, listener: Listener | None = None) -> "VM":
+                  name: str | None = None, listener: Listener | None = None) -> VM:
         """A VM of `image` with this memory and CPU count. VMs are named after
         their shape (nb-trixie-1536m-2c), so notebooks and sweep points that
         ask for the same shape reuse one running, provisioned VM."""
@@ -423,7 +423,7 @@ class VM(Emitter):
         st.save(self.state_file)
         return st
 
-    def __enter__(self) -> "VM":
+    def __enter__(self) -> VM:
         self.up(reuse=True)
         return self
 

@@ -28,7 +28,8 @@ LOAD = ("--rate", "100000", "--duration", "0.4")     # combined page writes/s
 
 def assert_consistent(s: dict) -> None:
     assert s["verify"] != "off"
-    assert s["consistent"] is True, f"mismatches: {s['mismatches_by_cause']} pages {s['first_mismatched_pages']}"
+    assert s["consistent"] is True, \
+        f"mismatches: {s['mismatches_by_cause']} pages {s['first_mismatched_pages']}"
     assert s["mismatched_pages"] == 0
 
 
@@ -168,7 +169,8 @@ def test_shmem_file_consistent(run_snapshot, require, probe):
     require("WP_HUGETLBFS_SHMEM")
     if probe["wp_register"]["shmem"] is None:
         pytest.skip(probe["wp_register_reason"]["shmem"])
-    assert_consistent(run_snapshot("--backing", "shmem", "--writers", "2", "--verify", *LOAD).summary)
+    assert_consistent(run_snapshot("--backing", "shmem", "--writers", "2", "--verify",
+                                   *LOAD).summary)
 
 
 def test_zap_after_arm_marker_survives(run_snapshot, require):

@@ -72,7 +72,7 @@ def test_onboarding_notebook(lab_path, tmp_path):
                  image="trixie", memory=VM_MEMORY, cpus=VM_CPUS, size="16M", duration=1.0,
                  teardown=False)
     assert pngs(nb) >= 1
-    done = [l for l in text_of(nb).splitlines() if l.startswith("done: ")]
+    done = [line for line in text_of(nb).splitlines() if line.startswith("done: ")]
     assert done, "the notebook's last cell printed no summary line"
     statuses = dict(item.split("=") for item in done[-1][len("done: "):].split(", "))
     assert statuses == {"S1": "ok", "S3": "ok", "S5": "inconsistent", "S6": "inconsistent"}

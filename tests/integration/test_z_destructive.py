@@ -7,8 +7,8 @@ import time
 import pytest
 
 from tests.conftest import run_and_strike
-from uffdlab.results import ResultsDB
 from uffdlab.provision import ProvisionError, provision
+from uffdlab.results import ResultsDB
 
 pytestmark = pytest.mark.integration
 

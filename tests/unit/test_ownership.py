@@ -18,8 +18,7 @@ import pytest
 from uffdlab import accel, cli
 from uffdlab.api import vm_for
 from uffdlab.config import load_lab
-from uffdlab.owned import MARKER, ProcessId, make_vm_dir, remove_vm_dir, start_time
-from uffdlab.owned import NotOursError
+from uffdlab.owned import MARKER, NotOursError, ProcessId, make_vm_dir, remove_vm_dir, start_time
 from uffdlab.vm import VM, VMError, VMState, lab_vms_dir
 
 LAB = """\

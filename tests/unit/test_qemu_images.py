@@ -14,8 +14,7 @@ import pytest
 from uffdlab import accel, cli, images
 from uffdlab.accel import AccelChoice
 from uffdlab.config import ImageSpec, KernelSpec, load_lab
-from uffdlab.images import (ImageStore, bzimage_release, mmdebstrap_argv, recipe,
-                            recipe_key)
+from uffdlab.images import ImageStore, bzimage_release, mmdebstrap_argv, recipe, recipe_key
 from uffdlab.qemu import QemuCommand
 from uffdlab.vm import VM
 

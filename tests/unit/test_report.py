@@ -5,7 +5,6 @@ back in each shape notebooks hand to reports."""
 from __future__ import annotations
 
 import io
-import json
 
 import pandas as pd
 import pytest

@@ -15,9 +15,17 @@ import pandas as pd
 import pytest
 
 from uffdlab import results
-from uffdlab.results import (SCHEMA_VERSION, DuplicateRunError, Frames, ResultsDB,
-                             ResultsError, RunNotFoundError, format_table, load)
 from uffdlab.model import RunResult
+from uffdlab.results import (
+    SCHEMA_VERSION,
+    DuplicateRunError,
+    Frames,
+    ResultsDB,
+    ResultsError,
+    RunNotFoundError,
+    format_table,
+    load,
+)
 
 KERNEL = "6.12.38+deb13-cloud-amd64"
 
@@ -274,12 +282,12 @@ def test_format_table(filled):
                 "p99 us", "max stall ms", "faults", "mismatched"):
         assert col in head
     assert len(lines) == 2 + 5
-    r3 = next(l for l in lines if l.startswith("r3"))
+    r3 = next(line for line in lines if line.startswith("r3"))
     assert "S5 unregistered-writer" in r3 and "inconsistent" in r3 and "(!)" not in r3
     assert r3.rstrip().endswith("2048")
-    r4 = next(l for l in lines if l.startswith("r4"))
+    r4 = next(line for line in lines if line.startswith("r4"))
     assert "timeout" in r4 and r4.rstrip().endswith("-")
-    r2 = next(l for l in lines if l.startswith("r2"))
+    r2 = next(line for line in lines if line.startswith("r2"))
     assert "413" in r2 and "919" in r2 and "2.38" in r2 and "301" in r2
     assert format_table([]) == "no runs"
 
@@ -316,7 +324,7 @@ def test_load_frames(filled, db_path):
     assert f.mismatches.to_dict("records") == [
         {"run_id": "r3", "cause": "stale", "pages": 8},
         {"run_id": "r3", "cause": "unregistered", "pages": 2040}]
-    for run_id, g in f.latency.groupby("run_id"):
+    for _, g in f.latency.groupby("run_id"):
         assert g["bound_us"].is_monotonic_increasing
         assert g["cdf"].is_monotonic_increasing
         assert g["cdf"].iloc[-1] == pytest.approx(1.0)

@@ -10,11 +10,24 @@ from pathlib import Path
 import pytest
 
 from uffdlab import cli, results
-from uffdlab.results import (DatabaseLockedError, DuplicateRunError, NoResultsDatabaseError,
-                             NotResultsDatabaseError, ResultsDB, ResultsError,
-                             RunNotStoredError, StoreOutcome, format_table, import_spool,
-                             load, spool_dir, spool_run, spooled_files, store_run)
 from uffdlab.model import RunResult
+from uffdlab.results import (
+    DatabaseLockedError,
+    DuplicateRunError,
+    NoResultsDatabaseError,
+    NotResultsDatabaseError,
+    ResultsDB,
+    ResultsError,
+    RunNotStoredError,
+    StoreOutcome,
+    format_table,
+    import_spool,
+    load,
+    spool_dir,
+    spool_run,
+    spooled_files,
+    store_run,
+)
 
 SUMMARY = {"type": "summary", "pages": 1024, "snapshot_ms": 12.5, "faults_total": 7,
            "fault_latency_us": {"p50": 100.0, "p99": 900.0},
@@ -136,7 +149,7 @@ def test_disk_full_spools_and_results_imports(tmp_path, db_path, monkeypatch, ca
     code, text, err = results_cli(tmp_path, db_path, capsys)
     assert code == 0
     assert "imported 1 spooled run(s)" in err
-    assert [l.split()[0] for l in text.splitlines()[2:]] == ["before", "full"]
+    assert [line.split()[0] for line in text.splitlines()[2:]] == ["before", "full"]
     assert spooled_files(db_path) == []
 
 
@@ -188,7 +201,7 @@ def test_import_spool_corrupt_file_left_and_reported(tmp_path, db_path, capsys):
 
     code, text, err = results_cli(tmp_path, db_path, capsys)
     assert code == 0
-    assert [l.split()[0] for l in text.splitlines()[2:]] == ["in-db", "spooled"]
+    assert [line.split()[0] for line in text.splitlines()[2:]] == ["in-db", "spooled"]
     assert f"{d / 'broken.json'}: cannot be imported: invalid JSON" in err
     assert f"{d / 'other.json'}: cannot be imported: not a spooled run" in err
     assert "badstatus.json: cannot be imported: status: expected one of" in err
@@ -382,6 +395,6 @@ def test_results_cli_end_to_end(tmp_path, db_path, capsys):
     code, text, err = results_cli(tmp_path, db_path, capsys, "--last", "2")
     assert code == 0 and err == ""
     lines = text.splitlines()
-    assert lines[0].startswith("id") and [l.split()[0] for l in lines[2:]] == ["mid", "new"]
+    assert lines[0].startswith("id") and [line.split()[0] for line in lines[2:]] == ["mid", "new"]
     code, text, _ = results_cli(tmp_path, db_path, capsys, "--scenario", "S1")
-    assert code == 0 and [l.split()[0] for l in text.splitlines()[2:]] == ["mid"]
+    assert code == 0 and [line.split()[0] for line in text.splitlines()[2:]] == ["mid"]

@@ -8,8 +8,8 @@ import json
 import pytest
 
 from uffdlab import scenarios
-from uffdlab.provision import _EventCollector, sources_tarball
 from uffdlab.model import RunResult
+from uffdlab.provision import _EventCollector, sources_tarball
 from uffdlab.runner import _finish
 from uffdlab.scenarios import ScenarioError
 
@@ -118,6 +118,7 @@ def test_min_kernel_derives_from_the_feature_table():
 def test_readme_scenario_table_matches_the_catalogue():
     """README's scenario table: every catalogue id with its derived minimum kernel."""
     import re
+
     from uffdlab.paths import REPO
     text = (REPO / "README.md").read_text()
     section = text[text.index("## Scenarios"):]

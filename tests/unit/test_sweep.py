@@ -17,8 +17,7 @@ from uffdlab.cli import notebooks as cli_notebooks
 from uffdlab.config import ConfigError, load_lab
 from uffdlab.model import RunResult, Status
 from uffdlab.results import ResultsDB
-from uffdlab.sweep import (PointResult, SweepIndex, SweepPoint, load_grid, run_sweep,
-                           sweeps_root)
+from uffdlab.sweep import PointResult, SweepIndex, SweepPoint, load_grid, run_sweep, sweeps_root
 
 LAB = """\
 cache_dir: cache

@@ -69,40 +69,50 @@ def cmd_run(args) -> int:
 
 def _last_arg(text: str) -> int:
     """--last N: a run count SQLite can take (argparse names the flag)."""
-    from ..results import _INT64_MAX
+    from ..results import INT64_MAX
     try:
         n = int(text)
     except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a whole number of runs, got {text!r}")
-    if not 0 < n <= _INT64_MAX:
-        raise argparse.ArgumentTypeError(f"expected a number of runs from 1 to {_INT64_MAX}, "
+        raise argparse.ArgumentTypeError(f"expected a whole number of runs, got {text!r}") \
+            from None
+    if not 0 < n <= INT64_MAX:
+        raise argparse.ArgumentTypeError(f"expected a number of runs from 1 to {INT64_MAX}, "
                                          f"got {text!r}")
     return n
+
+
+def _import_spooled(path) -> None:
+    """Store the runs an earlier store could not put in the database."""
+    from ..results import NotResultsDatabaseError, ResultsDB, ResultsError, import_spool
+    try:
+        with ResultsDB(path) as db:
+            report = import_spool(db)
+    except NotResultsDatabaseError:
+        raise                          # not ours to write: the caller says so
+    except (ResultsError, OSError) as e:
+        print(f"uffdlab: spooled runs not imported: {e}", file=sys.stderr)
+        return
+    if report.imported:
+        print(f"imported {len(report.imported)} spooled run(s) into {path}", file=sys.stderr)
+    for problem in report.problems:
+        print(f"uffdlab: spool: {problem}", file=sys.stderr)
 
 
 def cmd_results(args) -> int:
     import sqlite3
 
-    from ..results import (NoResultsDatabaseError, NotResultsDatabaseError, ResultsDB,
-                          ResultsError, format_table, import_spool, spooled_files)
-    lab = lab_of(args)
-    path = lab.results_path
-    if spooled_files(path):            # runs an earlier store could not put in the database
-        try:
-            with ResultsDB(path) as db:
-                report = import_spool(db)
-        except NotResultsDatabaseError as e:
-            print(f"uffdlab: {e}", file=sys.stderr)
-            return EXIT_CONFIG
-        except (ResultsError, OSError) as e:
-            print(f"uffdlab: spooled runs not imported: {e}", file=sys.stderr)
-        else:
-            if report.imported:
-                print(f"imported {len(report.imported)} spooled run(s) into {path}",
-                      file=sys.stderr)
-            for problem in report.problems:
-                print(f"uffdlab: spool: {problem}", file=sys.stderr)
+    from ..results import (
+        NoResultsDatabaseError,
+        NotResultsDatabaseError,
+        ResultsDB,
+        ResultsError,
+        format_table,
+        spooled_files,
+    )
+    path = lab_of(args).results_path
     try:
+        if spooled_files(path):
+            _import_spooled(path)
         with ResultsDB(path, readonly=True) as db:
             rows = db.runs(last=args.last, scenario=args.scenario)
     except NoResultsDatabaseError as e:

@@ -18,8 +18,15 @@ from .plots import plot_latency_cdf, plot_stall_vs_duration, plot_sweep, plot_th
 from .progress import NotebookProgress
 from .runs import RunView, as_run, as_runs, subset
 from .sweeps import sweep_groups, sweep_notes, sweep_table
-from .tables import (FEATURE_NOTES, failure_text, feature_table, provenance,
-                     runs_table, summary_table, verdict)
+from .tables import (
+                     FEATURE_NOTES,
+                     failure_text,
+                     feature_table,
+                     provenance,
+                     runs_table,
+                     summary_table,
+                     verdict,
+)
 
 __all__ = ["NotebookProgress", "feature_table", "summary_table", "provenance", "verdict",
            "failure_text", "plot_latency_cdf", "plot_stall_vs_duration",

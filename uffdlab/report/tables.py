@@ -5,7 +5,6 @@ DataFrame or a string.
 """
 from __future__ import annotations
 
-import json
 import time
 from collections.abc import Iterable, Mapping
 from typing import TYPE_CHECKING, Any
