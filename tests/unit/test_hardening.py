@@ -18,16 +18,10 @@ from uffdlab.config import ConfigError, check_cache_dir, load_lab
 from uffdlab.images import CUSTOMIZE_HOOK, ImageStore, mmdebstrap_env, recipe
 from uffdlab.keys import LabKeys
 
+from .labs import MINIMAL_LAB
+
 REPO = Path(__file__).resolve().parents[2]
-LAB = """\
-cache_dir: cache
-images:
-  trixie:
-    suite: trixie
-vms:
-  guest:
-    image: trixie
-"""
+LAB = MINIMAL_LAB
 HOSTILE = "x;touch PWNED;#"
 # The classic "billion laughs": 9 levels of 9 aliases, a few hundred bytes.
 BOMB = ('a: &a ["lol", "lol", "lol", "lol", "lol", "lol", "lol", "lol", "lol"]\n'

@@ -19,15 +19,9 @@ from uffdlab.model import RunResult, Status
 from uffdlab.results import ResultsDB
 from uffdlab.sweep import PointResult, SweepIndex, SweepPoint, load_grid, run_sweep, sweeps_root
 
-LAB = """\
-cache_dir: cache
-images:
-  trixie:
-    suite: trixie
-vms:
-  guest:
-    image: trixie
-"""
+from .labs import MINIMAL_LAB
+
+LAB = MINIMAL_LAB
 
 
 @pytest.fixture
