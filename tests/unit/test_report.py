@@ -267,3 +267,23 @@ def test_notebook_progress_lines_and_live_line():
     assert "\r" in text and "5/10 pages, 2 faults" in text
     assert "ansible task 1: install tools" in text          # live line
     assert text.endswith("[vm1] task: build tools\n")       # a failure in full
+
+
+def test_verdicts_table_and_the_stw_vs_wp_story():
+    stw = s3()
+    stw.summary = {**stw.summary, "pause_ms": 120.0, "writer_stall_max_ms": 120.0,
+                   "snapshot_ms": 118.0}
+    wp = s3()
+    wp.summary = {**wp.summary, "pause_ms": 0.4, "writer_stall_max_ms": 2.5,
+                  "snapshot_ms": 300.0}
+    text = report.explain_stw_vs_wp(stw, wp)
+    assert "**120.0 ms**, the whole copy" in text and "**0.4 ms**" in text
+    assert "went from **120.0 ms** to **2.5 ms**" in text
+    assert "took **300 ms** instead of **118 ms**" in text
+    slower = s3()
+    slower.summary = {**slower.summary, "writer_stall_max_ms": 500.0}
+    assert "was not shorter with uffd-wp" in report.explain_stw_vs_wp(stw, slower)
+    table = report.verdicts_table([stw, timed_out()])
+    assert list(table.columns) == ["writers", "mismatched pages", "causes", "verdict"]
+    assert table["verdict"].tolist()[1] == "TIMEOUT: timed out after 100 s"
+    assert table["writers"].tolist()[0] == stw.params["writers"]

@@ -20,15 +20,18 @@ from .runs import RunView, as_run, as_runs, subset
 from .sweeps import sweep_groups, sweep_notes, sweep_table
 from .tables import (
                      FEATURE_NOTES,
+                     explain_stw_vs_wp,
                      failure_text,
                      feature_table,
                      provenance,
                      runs_table,
                      summary_table,
                      verdict,
+                     verdicts_table,
 )
 
 __all__ = ["NotebookProgress", "feature_table", "summary_table", "provenance", "verdict",
            "failure_text", "plot_latency_cdf", "plot_stall_vs_duration",
            "plot_throughput", "plot_sweep", "runs_table", "FEATURE_NOTES", "subset",
-           "RunView", "as_run", "as_runs", "sweep_table", "sweep_notes", "sweep_groups"]
+           "RunView", "as_run", "as_runs", "sweep_table", "sweep_notes", "sweep_groups",
+           "verdicts_table", "explain_stw_vs_wp"]

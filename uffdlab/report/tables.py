@@ -246,3 +246,40 @@ def runs_table(runs: pd.DataFrame, columns: Iterable[str] | None = None) -> pd.D
     out = runs[[c for c in cols if c in runs.columns]].copy()
     out["verdict"] = [verdict(run) for run in as_runs(runs)]
     return out.reset_index(drop=True)
+
+
+def verdicts_table(results: Iterable[Any]) -> pd.DataFrame:
+    """A row per run: which scenario, how many writers, the mismatched pages
+    by cause and the verdict: what a reader checks first after broken runs."""
+    import pandas as pd
+
+    rows = [{"scenario": f"{run.scenario} {run.scenario_name}",
+             "writers": (run.params or {}).get("writers"),
+             "mismatched pages": run.summary.get("mismatched_pages"),
+             "causes": run.summary.get("mismatches_by_cause"),
+             "verdict": verdict(run)} for run in as_runs(list(results))]
+    return pd.DataFrame(rows).set_index("scenario")
+
+
+def explain_stw_vs_wp(stw: Any, wp: Any) -> str:
+    """Markdown: what a stop-the-world run and a uffd-wp run of the same RAM
+    cost the writers, read from their numbers (not assumed)."""
+    def m(run: RunView, key: str) -> float:
+        return run.summary.get(key) or 0.0
+
+    s, w = as_run(stw), as_run(wp)
+    stall_s, stall_w = m(s, "writer_stall_max_ms"), m(w, "writer_stall_max_ms")
+    text = (f"Stop-the-world paused all writers for **{m(s, 'pause_ms'):.1f} ms**, the whole "
+            f"copy. uffd-wp paused them for **{m(w, 'pause_ms'):.1f} ms**, just long enough "
+            f"to arm. ")
+    if stall_w < stall_s:
+        text += (f"The longest stall any writer saw went from **{stall_s:.1f} ms** to "
+                 f"**{stall_w:.1f} ms**. ")
+    else:
+        text += (f"In this run the longest single stall was not shorter with uffd-wp "
+                 f"(**{stall_w:.1f} ms** vs **{stall_s:.1f} ms**). Under TCG on a busy host, "
+                 f"a writer's vCPU can be descheduled while its fault waits, and that adds to "
+                 f"the stall. The pause is the part that grows with RAM size. ")
+    return text + (f"In exchange, the uffd-wp snapshot took **{m(w, 'snapshot_ms'):.0f} ms** "
+                   f"instead of **{m(s, 'snapshot_ms'):.0f} ms**: faults are served one by one "
+                   f"while writers keep running, and the copy shares the CPUs with them.")
