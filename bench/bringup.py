@@ -1,4 +1,5 @@
 #!/usr/bin/env python3
+# SPDX-License-Identifier: MIT
 """Bring-up benchmark: image builds and `VM.up()` against a bare qemu boot.
 
     .venv/bin/python bench/bringup.py [--lab lab.yml] [--image trixie]

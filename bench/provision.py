@@ -1,4 +1,5 @@
 #!/usr/bin/env python3
+# SPDX-License-Identifier: MIT
 """Provisioning and per-run overhead, next to baselines measured in the same
 run on the same VM:
 

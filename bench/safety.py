@@ -1,4 +1,5 @@
 #!/usr/bin/env python3
+# SPDX-License-Identifier: MIT
 """Benchmark: what the safety checks cost (not a test).
 
 Each figure is a ratio to a baseline measured in the same run:

@@ -1,4 +1,5 @@
 #!/usr/bin/env python3
+# SPDX-License-Identifier: MIT
 """Benchmark: uffd-wp background snapshot vs stop-the-world (not a test).
 
 1 GiB memfd guest RAM, 4 writer processes, two load rows: writers at a

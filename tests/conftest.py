@@ -1,3 +1,4 @@
+# SPDX-License-Identifier: MIT
 """Shared test fixtures: a lab file for tests, and lab VMs booted once per
 session (real QEMU; TCG on machines without working KVM)."""
 from __future__ import annotations

@@ -1,3 +1,4 @@
+# SPDX-License-Identifier: MIT
 """uffd-lab: kernel test VMs for userfaultfd write-protect experiments.
 
     from uffdlab import load_lab, VM

@@ -1,3 +1,4 @@
+# SPDX-License-Identifier: MIT
 """Which accelerator a guest really runs under.
 
 /dev/kvm opening proves little: under nested virtualization QEMU may abort

@@ -1,3 +1,4 @@
+# SPDX-License-Identifier: MIT
 """The calls notebooks make: a lab, a VM sized by parameters, a ready
 (booted, provisioned) VM, a run that is stored, the stored runs. Notebooks
 import only this module and `report`; everything here composes the modules

@@ -1,3 +1,4 @@
+# SPDX-License-Identifier: MIT
 """lab.yml: the typed description of a lab, and the errors a bad one earns.
 
 Every option is declared once here, with its help text. The provisioning

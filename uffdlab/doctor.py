@@ -1,3 +1,4 @@
+# SPDX-License-Identifier: MIT
 """`uffdlab doctor`: can this machine run a lab, and how to fix it if not."""
 from __future__ import annotations
 

@@ -1,3 +1,4 @@
+# SPDX-License-Identifier: MIT
 """Lifecycle events. The library emits them; the CLI and notebooks render
 them. Nothing in the library prints."""
 from __future__ import annotations

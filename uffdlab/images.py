@@ -1,3 +1,4 @@
+# SPDX-License-Identifier: MIT
 """lab.yml image recipe --mmdebstrap + Debian kernel--> cached base image.
 
 An image lives in `<cache>/images/<key>/`, where the key is a hash of the

@@ -1,3 +1,4 @@
+# SPDX-License-Identifier: MIT
 """The process that owns one running QEMU.
 
 `VM.up()` starts `python -m uffdlab.keeper STATE_DIR`, which starts QEMU and

@@ -1,3 +1,4 @@
+# SPDX-License-Identifier: MIT
 """The lab's own SSH identity: one ed25519 keypair per cache, made once.
 
 Several processes may ask for it at once (a sweep's notebooks, two `up`s), so

@@ -1,3 +1,4 @@
+# SPDX-License-Identifier: MIT
 """The same scenarios on several kernels, and why their outcomes differ.
 
 `run_matrix` brings up one VM per image (a VM by shape, reused when it is

@@ -1,3 +1,4 @@
+# SPDX-License-Identifier: MIT
 """The records every layer shares: a run's status, the kinds of lifecycle
 event, and a run's result. Light on purpose (stdlib only), so the database,
 the reports and the notebooks can import it without SSH or Ansible."""

@@ -1,3 +1,4 @@
+# SPDX-License-Identifier: MIT
 """What the lab may touch: directories it marked, files it names, processes
 it started.
 

@@ -1,3 +1,4 @@
+# SPDX-License-Identifier: MIT
 """Where the lab's own files are. uffdlab runs from its repository checkout
 (an editable install, `pip install -e .`): the playbooks, guest tools,
 image recipes and notebooks are files next to the package, not data inside it."""

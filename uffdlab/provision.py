@@ -1,3 +1,4 @@
+# SPDX-License-Identifier: MIT
 """provision(vm) --ansible-runner, playbooks/provision.yml--> a configured
 guest with the guest tools built, and its uffd-probe facts.
 

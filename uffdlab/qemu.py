@@ -1,3 +1,4 @@
+# SPDX-License-Identifier: MIT
 """The one place that knows QEMU's command line."""
 from __future__ import annotations
 

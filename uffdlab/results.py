@@ -1,3 +1,4 @@
+# SPDX-License-Identifier: MIT
 """results.store(RunResult) --SQLite--> pandas DataFrames.
 
 The results database is one SQLite file (the `results` path of `lab.yml`):

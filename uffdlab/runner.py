@@ -1,3 +1,4 @@
+# SPDX-License-Identifier: MIT
 """run(vm, scenario, params) --paramiko exec--> JSON Lines --> RunResult.
 
 Parameters are checked before any SSH command runs; the run streams its

@@ -1,3 +1,4 @@
+# SPDX-License-Identifier: MIT
 """The scenario catalogue: each point of the 2021 linux-mm debate (see
 docs/background.md) as a `uffd-snapshot` command line, with its parameters
 checked before anything runs."""

@@ -1,3 +1,4 @@
+# SPDX-License-Identifier: MIT
 """SSH into a lab guest with paramiko: the lab's key, the image's pinned
 host key, nothing else accepted."""
 from __future__ import annotations

@@ -1,3 +1,4 @@
+# SPDX-License-Identifier: MIT
 """GRID.yml --papermill, one execution of 10-snapshot per point--> executed
 notebooks, a result file per point and index.json under the results directory.
 

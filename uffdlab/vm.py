@@ -1,3 +1,4 @@
+# SPDX-License-Identifier: MIT
 """Lab.vm(name).up() --qemu overlay, QMP, hostfwd--> a running, SSH-ready VM.
 
 A running VM is a directory `<cache>/vms/<lab>/<name>/` holding state.json,

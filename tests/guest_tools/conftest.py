@@ -1,3 +1,4 @@
+# SPDX-License-Identifier: MIT
 """Fixtures for the C guest tools, run on the host kernel.
 
 The tools are built once per session with `make -C guest-tools`; `run_snapshot`

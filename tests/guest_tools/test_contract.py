@@ -1,3 +1,4 @@
+# SPDX-License-Identifier: MIT
 """The host and the guest tool agree on what a run needs from the kernel.
 
 uffdlab.scenarios decides, before any VM boots, which uffd features and

@@ -1,3 +1,4 @@
+# SPDX-License-Identifier: MIT
 """The C guest tools on the host kernel: probe, snapshot strategies, the
 verifier, fault injections, usage errors and robustness.
 

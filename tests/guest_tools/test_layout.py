@@ -1,3 +1,4 @@
+# SPDX-License-Identifier: MIT
 """The guest tools' sources depend on each other one way only.
 
 A module is a src/NAME.c with its src/NAME.h.  Module A depends on module B

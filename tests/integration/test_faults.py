@@ -1,3 +1,4 @@
+# SPDX-License-Identifier: MIT
 """kill -9 in each phase on the session's shared VMs, without destroying them:
 the CLI mid-provision, mid-run and mid-store, and the guest's coordinator
 mid-run. Nothing leaks, the VM stays usable, and a finished run is never

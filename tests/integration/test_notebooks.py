@@ -1,3 +1,4 @@
+# SPDX-License-Identifier: MIT
 """Every notebook executed by papermill with its smallest parameters on the
 session's real VMs; assertions on what the notebooks show."""
 from __future__ import annotations

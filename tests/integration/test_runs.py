@@ -1,3 +1,4 @@
+# SPDX-License-Identifier: MIT
 """Provisioning, scenario runs and the results database on real VMs: the
 trixie guest (6.12) and the bookworm guest (6.1), shared by the session."""
 from __future__ import annotations

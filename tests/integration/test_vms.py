@@ -1,3 +1,4 @@
+# SPDX-License-Identifier: MIT
 """The lab foundation on real QEMU: images with Debian kernels boot, answer
 SSH with their pinned host key, and leave nothing behind when stopped or
 killed."""

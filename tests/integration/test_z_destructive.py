@@ -1,3 +1,4 @@
+# SPDX-License-Identifier: MIT
 """Runs last (pytest orders files by name): it kills the shared VMs, QEMU of
 the trixie one mid-run and the keeper of the bookworm one mid-provision."""
 from __future__ import annotations

@@ -1,3 +1,4 @@
+# SPDX-License-Identifier: MIT
 """Lab files the unit tests share."""
 
 # The smallest valid lab: one image, one VM, a relative cache.

@@ -1,3 +1,4 @@
+# SPDX-License-Identifier: MIT
 """lab.yml validation: every bad input earns one exact, located message per problem."""
 from __future__ import annotations
 

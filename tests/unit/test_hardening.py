@@ -1,3 +1,4 @@
+# SPDX-License-Identifier: MIT
 """Hostile input: shell metacharacters in paths, YAML bombs, bad bytes, an
 unusable cache, a grid too big to run, and processes racing for the lab key.
 No VM boots; the shell scripts run against scratch directories."""

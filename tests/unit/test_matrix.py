@@ -1,3 +1,4 @@
+# SPDX-License-Identifier: MIT
 """The kernel matrix with a fake VM layer: no VM boots, nothing runs.
 
 What matrix.py calls below itself (VM.for_shape, up/down, ensure_provisioned,

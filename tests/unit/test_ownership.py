@@ -1,3 +1,4 @@
+# SPDX-License-Identifier: MIT
 """The lab touches only what is its own: marked VM directories, the file
 names it creates, processes whose start time and command line it recorded,
 and VMs of its own lab file. No VM boots here: a "running VM" is a marked

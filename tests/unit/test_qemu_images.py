@@ -1,3 +1,4 @@
+# SPDX-License-Identifier: MIT
 """QEMU command lines, image recipes and cache keys, accel choice, dry-run.
 
 Nothing here boots a VM or runs mmdebstrap; ssh-keygen (the lab key) is the

@@ -1,3 +1,4 @@
+# SPDX-License-Identifier: MIT
 """The report layer: tables, verdicts and figures from fixture runs, no VM.
 
 Runs are the ones test_results.py stores (real uffd-snapshot summaries), read

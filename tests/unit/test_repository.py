@@ -1,3 +1,4 @@
+# SPDX-License-Identifier: MIT
 """Habits the repository keeps: notebooks stored without outputs, nothing
 cited from outside the repository, modules that import one way."""
 from __future__ import annotations
@@ -88,3 +89,12 @@ def test_the_report_layer_stays_light():
     out = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True,
                          text=True, check=True).stdout.strip()
     assert out == "[]"
+
+
+def test_every_source_file_carries_an_spdx_tag():
+    sources = tracked("*.py", "*.c", "*.h", "*.sh", "guest-tools/Makefile", "lab", ".ci/run",
+                      "playbooks/*.yml")
+    untagged = [p for p in sources
+                if "SPDX-License-Identifier: MIT" not in "".join(
+                    (REPO / p).read_text().splitlines(keepends=True)[:3])]
+    assert not untagged, untagged

@@ -1,3 +1,4 @@
+# SPDX-License-Identifier: MIT
 """The results database: real SQLite in tmp_path, no VMs."""
 from __future__ import annotations
 

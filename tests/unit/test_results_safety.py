@@ -1,3 +1,4 @@
+# SPDX-License-Identifier: MIT
 """Results are never lost or damaged: the spool, busy databases, read-only
 listing, foreign SQLite files, unreadable rows, --last bounds. No VMs."""
 from __future__ import annotations

@@ -1,3 +1,4 @@
+# SPDX-License-Identifier: MIT
 """The run layer's own logic, with the layers below it faked: how Ansible
 events become VM events and errors, how uffd-snapshot output becomes a
 status, and the scenario catalogue's parameter checks."""

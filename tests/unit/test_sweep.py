@@ -1,3 +1,4 @@
+# SPDX-License-Identifier: MIT
 """Sweeps without a VM: the records the pieces hand each other (a point's
 result file, the sweep index), the grid file's located errors, and run_sweep
 and the sweep/demo commands with papermill replaced by a fake notebook."""

@@ -1,3 +1,4 @@
+# SPDX-License-Identifier: MIT
 """The `uffdlab` command: every subcommand, registered explicitly."""
 from __future__ import annotations
 

@@ -1,3 +1,4 @@
+# SPDX-License-Identifier: MIT
 """What every command shares: exit codes, the lab file from --lab, and the
 rendering of events and tables. Commands hold no logic of their own: they
 parse flags, call the library and render its events."""

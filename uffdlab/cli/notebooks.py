@@ -1,3 +1,4 @@
+# SPDX-License-Identifier: MIT
 """Commands around the notebooks: sweep, demo, lab."""
 from __future__ import annotations
 

@@ -1,3 +1,4 @@
+# SPDX-License-Identifier: MIT
 """Commands for provisioning, runs and results: provision, run, results."""
 from __future__ import annotations
 

@@ -1,3 +1,4 @@
+# SPDX-License-Identifier: MIT
 """Commands for images and VMs: image build|list, up, ssh, status, down, doctor."""
 from __future__ import annotations
 

@@ -1,3 +1,4 @@
+# SPDX-License-Identifier: MIT
 """What notebooks show: a progress listener, tables and plots of runs.
 
 Everything here takes what the rest of the package produces (a RunResult,

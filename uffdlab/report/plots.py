@@ -1,3 +1,4 @@
+# SPDX-License-Identifier: MIT
 """Figures of runs: latency CDFs, stall against snapshot duration, writer
 throughput, and sweeps.
 

@@ -1,3 +1,4 @@
+# SPDX-License-Identifier: MIT
 """NotebookProgress: lifecycle events as a few readable lines."""
 from __future__ import annotations
 

@@ -1,3 +1,4 @@
+# SPDX-License-Identifier: MIT
 """One shape for every run a report shows: RunView.
 
 Notebooks hand reports whatever they have: a RunResult, a dict from

@@ -1,3 +1,4 @@
+# SPDX-License-Identifier: MIT
 """A sweep for a reader: a row per point, the notes not to miss, and how to
 group its runs in a plot."""
 from __future__ import annotations

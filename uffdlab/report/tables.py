@@ -1,3 +1,4 @@
+# SPDX-License-Identifier: MIT
 """Tables and one-line texts about runs and kernels, for notebooks.
 
 Each function takes what `runs.as_run`/`as_runs` accept and returns a pandas
