@@ -15,6 +15,10 @@ Prints one table:
   memory, cpus, kernel, initrd, kernel command line, a qcow2 overlay, hostfwd)
   until a plain socket reads the SSH banner,
 - `VM.up()` to SSH-ready (pinned host key, key authentication),
+- a cold boot plus provisioning, which saves the shape's template, then
+  `VM.up()` restoring from it (--skip-templates leaves these out): restore
+  against the cold `up` and against boot plus provisioning, and the
+  template's size against guest RAM,
 - the ratio up/bare, from medians of --repeat boots each, alternated so that
   load changes hit both alike.
 
@@ -46,9 +50,12 @@ from uffdlab.config import ConfigError, Lab, VMSpec, load_lab  # noqa: E402
 from uffdlab.images import ImageStore  # noqa: E402
 from uffdlab.keeper import die_with_parent  # noqa: E402
 from uffdlab.qemu import GUEST_CMDLINE, QEMU  # noqa: E402
+from uffdlab.template import Template  # noqa: E402
 from uffdlab.vm import VM, free_port  # noqa: E402
 
 UP_TARGET = 1.15        # up within 1.15x of the bare boot
+RESTORE_TARGET = 5.0    # seconds from `up` of a templated shape to SSH-ready
+RESTORE_SPEEDUP = 10.0  # restore at least this many times faster than a cold up
 NOOP_TARGET = 1.0       # seconds for an unchanged recipe
 BARE_TIMEOUT = 600.0
 
@@ -208,6 +215,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--image", help="image to build and boot (default: the first VM's)")
     ap.add_argument("--repeat", type=int, default=2, help="boots of each kind (default 2)")
     ap.add_argument("--skip-cold", action="store_true", help="skip the ~80 s cold build")
+    ap.add_argument("--skip-templates", action="store_true",
+                    help="skip provisioning, saving a template and restoring from it")
     args = ap.parse_args(argv)
     if args.repeat < 1:
         ap.error("--repeat: expected a whole number of at least 1")
@@ -241,7 +250,7 @@ def main(argv: list[str] | None = None) -> int:
         warm = warm_builds(lab, image)
         warm_cmd = warm_cli(Path(args.lab).resolve(), image)
 
-        # private cache: the lab's images and keys, our own vms/ dir
+        # private cache: the lab's images and keys, our own vms/ and templates/
         for sub in ("images", "keys"):
             (private / sub).symlink_to(lab.cache_path / sub)
         if (lab.cache_path / "accel.json").exists():
@@ -268,6 +277,10 @@ def main(argv: list[str] | None = None) -> int:
                 else:
                     up.append(timed_up(vm))
                 log(f"  {kind}: {(bare if kind == 'bare' else up)[-1]:.1f} s")
+        if not args.skip_templates:
+            log("cold boot + provisioning, which saves the template (about 2 min)")
+            provisioned, restored, tmpl = templated_ups(vm, args.repeat)
+            tmpl_bytes = sum(p.stat().st_size for p in (tmpl.state, tmpl.disk))
     except KeyboardInterrupt:
         log("interrupted: cleaning up")
         return 130
@@ -298,8 +311,48 @@ def main(argv: list[str] | None = None) -> int:
         ["VM.up() to SSH-ready", fmt_s(up), runs(up), "", ""],
         ["ratio up / bare", f"{ratio:.2f}x", "", f"<= {UP_TARGET}x",
          "ok" if ratio <= UP_TARGET else "MISSED"],
+        *([] if args.skip_templates else template_rows(
+            provisioned, restored, up, tmpl_bytes, spec.memory)),
     ])
     return 0
+
+
+def templated_ups(vm: VM, repeat: int) -> tuple[list[float], list[float], Template]:
+    """A cold boot plus provisioning (which saves the shape's template),
+    then `repeat` ups that restore from it."""
+    from uffdlab.provision import ensure_provisioned
+    t = time.monotonic()
+    try:
+        vm.up()
+        ensure_provisioned(vm)                        # saves the template
+        provisioned = [time.monotonic() - t]
+        tmpl, _ = vm.template_for(vm.state().accel)
+    finally:
+        vm.down()
+    restored = []
+    for i in range(repeat):
+        log(f"restore {i + 1}/{repeat} (load {loadavg()})")
+        restored.append(timed_up(vm))
+        log(f"  restore: {restored[-1]:.1f} s")
+    return provisioned, restored, tmpl
+
+
+def template_rows(provisioned: list[float], restored: list[float], up: list[float],
+                  tmpl_bytes: int, memory: int) -> list[list[str]]:
+    rst = statistics.median(restored)
+    speedup = statistics.median(up) / rst
+    return [
+        ["cold up + provisioning (saves the template)", fmt_s(provisioned),
+         runs(provisioned), "", ""],
+        ["VM.up() restoring the template, to SSH-ready", fmt_s(restored), runs(restored),
+         f"<= {RESTORE_TARGET:.0f} s", "ok" if rst <= RESTORE_TARGET else "MISSED"],
+        ["ratio cold up / restore", f"{speedup:.1f}x", "", f">= {RESTORE_SPEEDUP:.0f}x",
+         "ok" if speedup >= RESTORE_SPEEDUP else "MISSED"],
+        ["ratio (cold up + provisioning) / restore",
+         f"{statistics.median(provisioned) / rst:.1f}x", "", "", ""],
+        ["template size / guest RAM", f"{tmpl_bytes / memory:.2f}x",
+         f"{tmpl_bytes >> 20} MiB / {memory >> 20} MiB", "", ""],
+    ]
 
 
 if __name__ == "__main__":

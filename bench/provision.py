@@ -30,9 +30,10 @@ sys.path.insert(0, str(REPO))
 
 from uffdlab import scenarios  # noqa: E402
 from uffdlab.api import open_lab  # noqa: E402
-from uffdlab.provision import provision, sources_tarball  # noqa: E402
+from uffdlab.provision import provision  # noqa: E402
 from uffdlab.results import ResultsDB  # noqa: E402
 from uffdlab.runner import prepare, run  # noqa: E402
+from uffdlab.tools import sources_tarball  # noqa: E402
 from uffdlab.vm import VM  # noqa: E402
 
 TARGETS = {"fresh": 30.0, "rerun": 10.0, "overhead": 2.0}

@@ -80,9 +80,15 @@ def running_vms(test_lab):
 
 @pytest.fixture(scope="session")
 def provisioned(running_vms):
-    """Both VMs provisioned (in parallel); the first provisioning results."""
+    """Both VMs provisioned (in parallel) and saved as their shape's template;
+    the first provisioning results."""
     from uffdlab.provision import provision
-    results = _parallel(provision, list(running_vms.values()))
+
+    def provision_and_save(vm):
+        res = provision(vm)
+        vm.save_template()
+        return res
+    results = _parallel(provision_and_save, list(running_vms.values()))
     return dict(zip(running_vms, results))
 
 

@@ -22,6 +22,7 @@ from pydantic import (
     Field,
     PrivateAttr,
     Strict,
+    StrictBool,
     ValidationError,
     ValidationInfo,
     field_validator,
@@ -254,6 +255,9 @@ class Lab(_Model):
         Path("~/.cache/uffdlab"), description="Images, keys and VM state (never in git).")
     results: Path = Field(Path("results/lab.sqlite"),
                           description="Results database, relative to lab.yml.")
+    templates: StrictBool = Field(
+        True, description="Save a booted, provisioned VM as a template, and restore later "
+        "VMs of the same shape from it in seconds instead of booting and provisioning.")
     images: dict[str, ImageSpec] = Field(description="Image recipes by name.")
     vms: dict[str, VMSpec] = Field(description="VMs by name.")
     provision: ProvisionVars = Field(default_factory=ProvisionVars,

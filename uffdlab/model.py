@@ -37,6 +37,9 @@ class Kind(StrEnum):
     PROGRESS       `done`, `total`; runs add `faults`, `phase`
     STORED         a run is in the database or the spool: `run_id`, `stored`,
                    `spooled_to`
+    TEMPLATE       a template was saved (`key`, `seconds` paused, `bytes`), a VM
+                   restored from one (`key`, `seconds` to SSH), or one found
+                   unusable and replaced (`key`, `problem`)
     STOPPED        the VM is down and its overlay deleted
     FAILED         a step failed; the message says which and why
     """
@@ -50,6 +53,7 @@ class Kind(StrEnum):
     RUNNING = "running"
     PROGRESS = "progress"
     STORED = "stored"
+    TEMPLATE = "template"
     STOPPED = "stopped"
     FAILED = "failed"
 

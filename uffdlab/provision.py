@@ -13,9 +13,7 @@ import json
 import os
 import re
 import shutil
-import subprocess
 import sys
-import tarfile
 import tempfile
 import time
 from dataclasses import dataclass
@@ -23,11 +21,9 @@ from pathlib import Path
 
 from .model import Kind
 from .owned import ProcessId
-from .paths import GUEST_TOOLS, PLAYBOOKS, REPO
+from .paths import PLAYBOOKS
+from .tools import sources_tarball, tools_digest, tools_version
 from .vm import VM, VMError
-
-# Only sources travel to the guest; it builds them against its own headers.
-SOURCE_GLOBS = ("Makefile", "README.md", "src/*.c", "src/*.h")
 
 
 class ProvisionError(Exception):
@@ -43,44 +39,6 @@ class ProvisionResult:
     probe: dict
     tools_version: str
     seconds: float
-
-
-def tools_sources() -> list[Path]:
-    return sorted(p for g in SOURCE_GLOBS for p in GUEST_TOOLS.glob(g))
-
-
-def tools_digest() -> str:
-    """Content hash of the guest tools' sources: changes mean re-provision."""
-    h = hashlib.sha256()
-    for p in tools_sources():
-        h.update(str(p.relative_to(GUEST_TOOLS)).encode() + b"\0" + p.read_bytes())
-    return h.hexdigest()[:16]
-
-
-def tools_version() -> str:
-    """git hash of guest-tools plus '-dirty' when its sources differ from HEAD."""
-    def git(*args):
-        return subprocess.run(["git", *args], cwd=REPO, capture_output=True,
-                              text=True).stdout.strip()
-    commit = git("log", "-1", "--format=%h", "--", "guest-tools") or "untracked"
-    dirty = git("status", "--porcelain", "--", "guest-tools/src", "guest-tools/Makefile")
-    return f"{commit}-dirty" if dirty else commit
-
-
-def sources_tarball(dest: Path) -> Path:
-    """The tools' sources as a byte-for-byte reproducible tar: the same
-    sources give the same checksum, so Ansible copies and builds only on
-    change."""
-    def normalize(info: tarfile.TarInfo) -> tarfile.TarInfo:
-        info.uid = info.gid = 0
-        info.uname = info.gname = "root"
-        info.mtime = 0
-        return info
-
-    with tarfile.open(dest, "w", format=tarfile.GNU_FORMAT) as tar:
-        for p in tools_sources():
-            tar.add(p, arcname=str(p.relative_to(GUEST_TOOLS)), filter=normalize)
-    return dest
 
 
 def inventory(vm: VM, known_hosts: Path, control_dir: Path) -> dict:
@@ -184,8 +142,10 @@ def _wait_for_sshd(vm: VM, seconds: float = 120) -> None:
 
 
 def ensure_provisioned(vm: VM) -> dict:
-    """Provision unless this VM already has these exact guest tools. A lock
-    in the VM's directory keeps two processes from provisioning it at once."""
+    """Provision unless this VM already has these exact guest tools (a VM
+    restored from a template has them), then save the VM as its shape's
+    template if there is none yet. A lock in the VM's directory keeps two
+    processes from provisioning it at once."""
     st = vm.state()
     if st is not None and st.facts.get("tools_digest") == tools_digest():
         return st.facts
@@ -194,6 +154,7 @@ def ensure_provisioned(vm: VM) -> dict:
         st = vm.state()                       # someone may have just done it
         if st is None or st.facts.get("tools_digest") != tools_digest():
             provision(vm)
+            vm.save_template()
     return vm.state().facts
 
 

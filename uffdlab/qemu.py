@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import shlex
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 QEMU = "qemu-system-x86_64"
@@ -32,6 +32,15 @@ class QemuCommand:
     qmp_socket: Path | None
     cmdline: str = ""
     extra: tuple[str, ...] = field(default_factory=tuple)
+    incoming: Path | None = None    # a saved state to load instead of booting
+
+    def shape(self) -> list[str]:
+        """The arguments that decide the machine a saved state fits: the
+        command line without what differs from one VM of a shape to the next
+        (name, disk, port, log and socket paths)."""
+        return replace(self, name="", disk=Path("DISK"), ssh_port=0,
+                       serial_log=Path("SERIAL"), qmp_socket=Path("QMP"),
+                       incoming=None).argv()
 
     def accel_args(self) -> list[str]:
         if self.accel == "kvm":
@@ -61,6 +70,9 @@ class QemuCommand:
                  "-serial", f"file:{self.serial_log}"]
         if self.qmp_socket is not None:
             args += ["-qmp", f"unix:{opt_value(self.qmp_socket)},server=on,wait=off"]
+        if self.incoming is not None:
+            # QEMU 7.2 has no file: migration URI; exec: runs through /bin/sh
+            args += ["-incoming", f"exec:cat {shlex.quote(str(self.incoming))}"]
         return args + list(self.extra)
 
     def shell(self) -> str:

@@ -100,7 +100,7 @@ def _parameters(info: ValidationInfo) -> dict[str, Any] | None:
 
 
 # Point-notebook parameters run_sweep fills in for every point.
-SET_BY_SWEEP = ("lab_path", "sweep_id", "teardown", "result_path")
+SET_BY_SWEEP = ("lab_path", "sweep_id", "teardown", "result_path", "fresh")
 
 
 def _parameter_key(section: str) -> Any:
@@ -156,6 +156,9 @@ class Grid(BaseModel):
                     _mapping_of("parameter: [values]", empty_ok=False)] = Field(
         description="Axes: a list of values per parameter; the points are their product.")
     teardown: StrictBool = Field(True, description="Stop the points' VMs at the end.")
+    fresh: StrictBool = Field(True, description="Give every point a pristine VM of its own, "
+                              "restored from its shape's template, instead of one VM that "
+                              "all points share.")
 
     @field_validator("grid")
     @classmethod
@@ -190,7 +193,7 @@ def load_grid(path: str | os.PathLike) -> Grid:
     data, lines = parse_yaml(read_text(path, label, "sweep file"), label)
     if not isinstance(data, dict):
         raise ConfigError([f"{label}: expected a mapping with 'grid' (and optionally "
-                           f"'fixed', 'notebook', 'teardown'), got {short(data)}"])
+                           f"'fixed', 'notebook', 'teardown', 'fresh'), got {short(data)}"])
     try:
         return Grid.model_validate(data, context={})
     except ValidationError as e:
@@ -400,7 +403,7 @@ def run_sweep(lab: Lab, grid: Grid, listener: Listener | None = None,
         nb_out, result_file = out / f"point-{i:03d}.ipynb", out / f"point-{i:03d}.result.json"
         params = {**grid.fixed, **point,      # then SET_BY_SWEEP:
                   "lab_path": str(lab.source.resolve()), "sweep_id": sweep_id,
-                  "teardown": False, "result_path": str(result_file)}
+                  "teardown": False, "result_path": str(result_file), "fresh": grid.fresh}
         t0 = time.monotonic()
         outcome = _execute_point(NOTEBOOKS / grid.notebook, nb_out, params, result_file)
         entry = SweepPoint(index=i, params=point, notebook=nb_out.name, status=outcome.status,
@@ -410,7 +413,7 @@ def run_sweep(lab: Lab, grid: Grid, listener: Listener | None = None,
         index.save()
         ev.emit(Kind.PROGRESS, f"{i + 1}/{len(points)} points; last {entry.status} "
                 f"({_describe_point(point)})", done=i + 1, total=len(points))
-    if grid.teardown:
+    if grid.teardown and not grid.fresh:          # fresh points stop their own VMs
         _teardown(lab, grid, points, ev)
     return SweepResult(index, _render_report(out, lab, ev))
 

@@ -12,25 +12,24 @@ time and command line match what was recorded at launch.
 """
 from __future__ import annotations
 
-import asyncio
-import concurrent.futures
 import fcntl
 import hashlib
 import json
-import logging
 import os
 import re
+import shlex
 import signal
 import socket
 import subprocess
 import sys
 import time
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 
 import paramiko
 
 from . import accel as accel_mod
+from . import template as template_mod
 from .config import Lab, VMSpec, format_size, parse_size
 from .events import Emitter, Listener
 from .images import Image, ImageStore
@@ -39,10 +38,11 @@ from .model import Kind
 from .owned import ProcessId, is_vm_dir, make_vm_dir
 from .paths import REPO
 from .qemu import QemuCommand
+from .qmp import qmp
 from .ssh import Session, port_open
+from .template import TEMPLATE_VERSION, Template, file_digest, key_of
+from .tools import tools_digest
 
-# qemu.qmp logs every refused connect at ERROR; polling a booting VM expects them.
-logging.getLogger("qemu.qmp").setLevel(logging.CRITICAL)
 PANIC_MARKER = "Kernel panic - not syncing"
 
 
@@ -68,6 +68,7 @@ class VMState:
     memory: int
     cpus: int
     cmdline: str = ""               # the guest kernel's extra command line
+    template: str | None = None     # the template it was restored from
     ssh_ready: bool = False
     boot_seconds: float | None = None
     facts: dict = field(default_factory=dict)   # probe output once provisioned
@@ -135,23 +136,6 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def qmp(socket_path: Path, command: str, timeout: float = 5.0, **args) -> dict:
-    """One QMP command. Runs in its own thread so it also works inside
-    Jupyter, whose event loop is already running."""
-    from qemu.qmp import QMPClient
-
-    async def go():
-        client = QMPClient("uffdlab")
-        await asyncio.wait_for(client.connect(str(socket_path)), timeout)
-        try:
-            return await asyncio.wait_for(client.execute(command, args or None), timeout)
-        finally:
-            await client.disconnect()
-
-    with concurrent.futures.ThreadPoolExecutor(1) as pool:
-        return pool.submit(asyncio.run, go()).result()
-
-
 class VM(Emitter):
     """One VM of the lab, running or not."""
 
@@ -168,15 +152,20 @@ class VM(Emitter):
 
     @classmethod
     def for_shape(cls, lab: Lab, image: str, memory: str | int = "1536M", cpus: int = 2,
-                  name: str | None = None, listener: Listener | None = None) -> VM:
+                  name: str | None = None, listener: Listener | None = None,
+                  fresh: bool = False) -> VM:
         """A VM of `image` with this memory and CPU count. VMs are named after
         their shape (nb-trixie-1536m-2c), so notebooks and sweep points that
-        ask for the same shape reuse one running, provisioned VM."""
+        ask for the same shape reuse one running, provisioned VM. `fresh`
+        gives a VM of its own instead (a unique name; restored from the
+        shape's template when there is one), for the caller to stop."""
         lab.image_spec(image)                              # a clear error if unknown
         size = parse_size(memory)
         if name is None:
             name = re.sub(r"[^a-z0-9-]", "-",
-                          f"nb-{image}-{format_size(size)}-{cpus}c".lower())
+                          f"nb-{image}-{format_size(size)}-{cpus}c".lower())[:25]
+            if fresh:
+                name += "-" + os.urandom(3).hex()
         spec = VMSpec(image=image, memory=size, cpus=cpus)
         return cls(lab.model_copy(update={"vms": {**lab.vms, name: spec}}), name, listener)
 
@@ -259,12 +248,116 @@ class VM(Emitter):
         choice = self.choose_accel()
         if choice.fell_back:
             self.emit(Kind.ACCEL, choice.reason, accel=choice.accel)
+        tmpl = self._usable_template(img, choice.accel)
         for attempt in range(3):                 # a stolen port is retried
             try:
-                return self._boot(img, choice)
+                return self._boot(img, choice, tmpl)
             except _PortTaken:
                 if attempt == 2:
                     raise VMError("could not bind a free SSH port on 127.0.0.1") from None
+            except _RestoreFailed as e:          # boot cold; provisioning saves a new one
+                self.emit(Kind.TEMPLATE, f"restoring template {tmpl.key} failed ({e}); "
+                          f"booting cold, a new template is saved after provisioning",
+                          key=tmpl.key, problem=str(e))
+                tmpl.remove()
+                tmpl = None
+        raise VMError("could not boot")           # unreachable: the loop returns or raises
+
+    # -- templates --------------------------------------------------------
+    def template_for(self, accel: str, img: Image | None = None) -> tuple[Template, dict]:
+        """The template this VM's shape restores from, and its key's inputs."""
+        img = img or self.image()
+        inputs = {"version": TEMPLATE_VERSION, "image": img.key,
+                  "provision": self.lab.provision.model_dump(), "tools": tools_digest(),
+                  "qemu": accel_mod.qemu_version(), "machine": self.command(accel).shape(),
+                  # a local kernel can change under the same path
+                  "kernel": [file_digest(p) for p in (img.vmlinuz, img.initrd)
+                             if p is not None] if img.spec.kernel.is_local else None}
+        key = key_of(inputs)
+        return Template(key, self.lab.cache_path / "templates" / key), inputs
+
+    def _usable_template(self, img: Image, accel: str) -> Template | None:
+        if not self.lab.templates:
+            return None
+        tmpl, _ = self.template_for(accel, img)
+        if not tmpl.exists:
+            return None
+        problem = tmpl.problem(img.meta.get("built_at"))
+        if problem:
+            self.emit(Kind.TEMPLATE, f"template {tmpl.key} cannot be used: {problem}; "
+                      f"booting cold, a new template is saved after provisioning",
+                      key=tmpl.key, problem=problem)
+            tmpl.remove()
+            return None
+        return tmpl
+
+    def save_template(self) -> Template | None:
+        """Save this running, provisioned VM as its shape's template (once);
+        the VM runs on. None when the lab turned templates off."""
+        st = self.state()
+        if not self.lab.templates or st is None or not st.facts:
+            return None
+        img = self.image()
+        tmpl, inputs = self.template_for(st.accel, img)
+        if tmpl.exists:
+            return tmpl
+        self.drop_session()                  # no open SSH connection in the saved guest
+        paused = template_mod.save(tmpl, self.dir / "qmp.sock", self.dir / "overlay.qcow2",
+                                   inputs, st.facts, img.meta.get("built_at"))
+        sync_clock(self.shared_session())    # it stood still while the guest was paused
+        size = sum(p.stat().st_size for p in (tmpl.state, tmpl.disk))
+        self.emit(Kind.TEMPLATE, f"saved template {tmpl.key} ({size >> 20} MiB; the guest "
+                  f"paused {paused:.1f} s)", key=tmpl.key, seconds=paused, bytes=size)
+        return tmpl
+
+    def _wait_for_load(self, st: VMState, keeper: subprocess.Popen) -> None:
+        """Until QEMU has loaded the saved state, then let the guest run: it
+        was saved paused, so it wakes paused."""
+        deadline = time.monotonic() + self.spec.boot_timeout
+        while True:
+            if keeper.poll() is not None or not st.qemu_id.alive():
+                raise VMError(f"QEMU exited while loading the saved state:\n"
+                              f"{_tail(self.dir / 'qemu.log', 10)}")
+            try:
+                status = qmp(self.dir / "qmp.sock", "query-status", 5)["status"]
+            except Exception:
+                status = "starting"
+            if status == "paused":
+                qmp(self.dir / "qmp.sock", "cont", 5)
+                return
+            if status == "running":
+                return
+            if time.monotonic() > deadline:
+                raise VMError(f"the saved state did not load in {self.spec.boot_timeout:.0f} s "
+                              f"(QEMU says {status!r})")
+            time.sleep(0.05)
+
+    def _after_restore(self, st: VMState, tmpl: Template) -> None:
+        """A restored guest wakes with the template's clock and random state:
+        set the clock, reseed the CRNG with host randomness (so two restored
+        VMs do not share it), and check the guest is the one the template's
+        facts describe."""
+        facts = tmpl.meta["facts"]
+        reseed = ("import fcntl, os, sys; fd = os.open('/dev/random', os.O_WRONLY); "
+                  "os.write(fd, bytes.fromhex(sys.argv[1])); "
+                  "fcntl.ioctl(fd, 0x5207)")     # RNDRESEEDCRNG: use it now, not in 60 s
+        tools = self.lab.provision.tools_dir
+        cmd = (f"python3 -c {shlex.quote(reseed)} {os.urandom(64).hex()} && "
+               f"{shlex.quote(tools)}/bin/uffd-probe")
+        try:
+            s = self.shared_session()
+            sync_clock(s)
+            probe = json.loads(s.run(cmd, timeout=60, check=True).stdout)
+        except Exception as e:
+            raise _RestoreFailed(f"the restored guest did not answer as provisioned: {e}") \
+                from e
+        want = facts.get("probe", {})
+        for field_name in ("kernel", "features"):
+            if probe.get(field_name) != want.get(field_name):
+                raise _RestoreFailed(f"the restored guest's {field_name} is "
+                                     f"{probe.get(field_name)!r}, the template's "
+                                     f"{want.get(field_name)!r}")
+        st.facts, st.template = facts, tmpl.key
 
     def _check_shape(self, st: VMState) -> None:
         """A running VM is reused only if it is the VM that was asked for."""
@@ -279,21 +372,27 @@ class VM(Emitter):
                           f"{'; '.join(diff)}. 'uffdlab down {self.name}' first, "
                           f"or ask for the running shape")
 
-    def _boot(self, img: Image, choice: accel_mod.AccelChoice) -> VMState:
+    def _boot(self, img: Image, choice: accel_mod.AccelChoice,
+              tmpl: Template | None = None) -> VMState:
+        """Boot cold, or restore `tmpl` when given."""
         port = free_port()
-        cmd = self.command(choice.accel, port)
+        cmd = replace(self.command(choice.accel, port),
+                      incoming=tmpl.state if tmpl is not None else None)
+        backing = tmpl.disk if tmpl is not None else img.base
         make_vm_dir(self.dir, str(self.lab.source.resolve()))
         # the previous boot's log must not speak for this one
         last_serial_log(self.dir).unlink(missing_ok=True)
         started = time.time()
         keeper = None
         try:
-            subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", "-b", str(img.base),
+            subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", "-b", str(backing),
                             "-F", "qcow2", str(cmd.disk)], check=True, capture_output=True)
             (self.dir / "launch.json").write_text(json.dumps({"argv": cmd.argv()}))
             self.emit(Kind.BOOTING, f"{img.kernel_release} under {choice.accel}, "
-                      f"{self.spec.cpus} cpus, {self.spec.memory >> 20} MiB",
-                      accel=choice.accel, kernel=img.kernel_release)
+                      f"{self.spec.cpus} cpus, {self.spec.memory >> 20} MiB"
+                      + (f", restoring template {tmpl.key}" if tmpl else ""),
+                      accel=choice.accel, kernel=img.kernel_release,
+                      template=tmpl.key if tmpl else None)
             keeper = subprocess.Popen(
                 [sys.executable, "-m", "uffdlab.keeper", str(self.dir)],
                 stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
@@ -308,20 +407,31 @@ class VM(Emitter):
                          started, img.host_pubkey, self.spec.memory, self.spec.cpus,
                          cmdline=cmd.cmdline, lab=str(self.lab.source.resolve()))
             st.save(self.state_file)
-            self._wait_for_ssh(st, keeper)
-            st.ssh_ready = True
+            try:
+                if tmpl is not None:
+                    self._wait_for_load(st, keeper)
+                self._wait_for_ssh(st, keeper)
+                st.ssh_ready = True
+                st.save(self.state_file)
+                if tmpl is not None:
+                    self._after_restore(st, tmpl)
+            except VMError as e:
+                if tmpl is not None:            # whatever broke, the template is suspect
+                    raise _RestoreFailed(str(e).splitlines()[0]) from e
+                raise
             st.boot_seconds = round(time.time() - started, 1)
             st.save(self.state_file)
             keeper.stdin.write("detach\n")
             keeper.stdin.close()
-            self.emit(Kind.SSH_READY, f"port {port} after {st.boot_seconds} s",
-                      port=port, seconds=st.boot_seconds)
+            self.emit(Kind.SSH_READY, f"port {port} after {st.boot_seconds} s"
+                      + (" (restored)" if tmpl else ""), port=port, seconds=st.boot_seconds,
+                      template=tmpl.key if tmpl else None)
             return st
         except BaseException as e:
             if keeper is not None:
                 self._stop_keeper(keeper)
             cleanup(self.dir)
-            if not isinstance(e, _PortTaken):
+            if not isinstance(e, (_PortTaken, _RestoreFailed)):
                 self.emit(Kind.FAILED, str(e).splitlines()[0] if str(e) else type(e).__name__)
             raise
 
@@ -436,6 +546,10 @@ class _PortTaken(Exception):
     pass
 
 
+class _RestoreFailed(VMError):
+    """A template did not restore: the caller boots cold instead."""
+
+
 def _panic_line(serial: str) -> str | None:
     for line in serial.splitlines():
         if PANIC_MARKER in line and "end Kernel panic" not in line:
@@ -452,6 +566,23 @@ def _tail(path: Path, n: int) -> str:
     except OSError:
         return ""
     return "\n".join(lines[-n:])
+
+
+def sync_clock(s: Session, tolerance: float = 0.2) -> float:
+    """Set the guest's clock to the host's, allowing for the SSH latency
+    (hundreds of ms under TCG); returns the offset left, in seconds."""
+    offset = 0.0
+    for _ in range(3):
+        t0 = time.time()
+        guest = float(s.run("date +%s.%N", timeout=30, check=True).stdout)
+        t1 = time.time()
+        offset = guest - (t0 + t1) / 2
+        if abs(offset) <= tolerance:
+            break
+        # the command runs about half a round trip after it is sent
+        s.run(f"date -s @{time.time() + (t1 - t0) / 2:.3f} >/dev/null", timeout=30,
+              check=True)
+    return offset
 
 
 def _show(key: str, value) -> str:

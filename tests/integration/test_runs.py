@@ -8,10 +8,11 @@ import pytest
 from uffdlab import scenarios
 from uffdlab.api import run_and_store
 from uffdlab.cli import main as cli
-from uffdlab.provision import provision, tools_version
+from uffdlab.provision import provision
 from uffdlab.results import ResultsDB
 from uffdlab.runner import run
 from uffdlab.scenarios import ScenarioError
+from uffdlab.tools import tools_version
 
 pytestmark = pytest.mark.integration
 SMALL = {"size": "16M", "duration": 1}

@@ -10,9 +10,10 @@ import pytest
 
 from uffdlab import scenarios
 from uffdlab.model import RunResult
-from uffdlab.provision import _EventCollector, sources_tarball
+from uffdlab.provision import _EventCollector
 from uffdlab.runner import _finish
 from uffdlab.scenarios import ScenarioError
+from uffdlab.tools import sources_tarball
 
 
 class FakeVM:

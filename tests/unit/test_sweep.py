@@ -183,7 +183,7 @@ def test_grid_loads_and_counts_without_expanding(tmp_path):
     ("grid:\n  writers: [1]\n  size: []\n", "3: grid.size: expected a non-empty list, got []"),
     ("fixed:\n  result_path: /tmp/x\ngrid:\n  writers: [1]\n",
      "2: fixed.result_path: expected a parameter the sweep does not set itself (it sets "
-     "lab_path, sweep_id, teardown, result_path for every point), got 'result_path'"),
+     "lab_path, sweep_id, teardown, result_path, fresh for every point), got 'result_path'"),
     ("grid:\n  writers: 4\n", "2: grid.writers: expected a non-empty list, got 4"),
     ("fixed:\n  image: trixie\n  sizes: 32M\ngrid:\n  writers: [1]\n",
      "3: fixed.sizes: expected a parameter of 10-snapshot.ipynb (backing, duration, "),

@@ -78,14 +78,78 @@ def cmd_status(args) -> int:
         reap_dir(d)
     def row(name: str, st) -> list[str]:
         return [name, st.image, "up" if st.ssh_ready else "booting", st.kernel_release,
-                st.accel, str(st.ssh_port), f"{time.time() - st.started:.0f} s"]
+                st.accel, str(st.ssh_port), f"{time.time() - st.started:.0f} s",
+                f"template {st.template}" if st.template else "cold boot"]
 
     rows = []
     for vm in all_vms(lab):
         st = vm.state()
-        rows.append(row(vm.name, st) if st else [vm.name, vm.spec.image, "stopped"] + [""] * 4)
+        rows.append(row(vm.name, st) if st else [vm.name, vm.spec.image, "stopped"] + [""] * 5)
     rows += [row(d.name, st) for d, st in other_running(lab)]
-    table(["vm", "image", "state", "kernel", "accel", "ssh port", "uptime"], rows)
+    table(["vm", "image", "state", "kernel", "accel", "ssh port", "uptime", "from"], rows)
+    return EXIT_OK
+
+
+# -- templates ------------------------------------------------------------
+def cmd_template_list(args) -> int:
+    from ..template import all_templates
+    lab = lab_of(args)
+    rows = []
+    for t in all_templates(lab.cache_path / "templates"):
+        try:
+            meta = t.meta
+        except (OSError, ValueError):
+            rows.append([t.key, "(unreadable)"] + [""] * 5)
+            continue
+        machine = meta["inputs"]["machine"]
+        probe = meta["facts"].get("probe", {})
+        size = sum(p.stat().st_size for p in (t.state, t.disk) if p.exists())
+        rows.append([t.key, probe.get("kernel", "?"), _arg(machine, "-m"), _arg(machine, "-smp"),
+                     _arg(machine, "-accel").split(",")[0], f"{size >> 20} MiB",
+                     time.strftime("%Y-%m-%d %H:%M", time.localtime(meta["saved_at"]))])
+    table(["template", "kernel", "memory", "cpus", "accel", "size", "saved"], rows)
+    return EXIT_OK
+
+
+def _arg(argv: list[str], flag: str) -> str:
+    return argv[argv.index(flag) + 1] if flag in argv else "?"
+
+
+def cmd_template_build(args) -> int:
+    """Boot (or reuse), provision and save a VM's template; a VM this
+    command booted is stopped again."""
+    from ..provision import ensure_provisioned
+    from ..vm import VM
+    vm = VM(lab_of(args), args.vm, Renderer())
+    started = vm.state() is None
+    try:
+        vm.up(reuse=True)
+        ensure_provisioned(vm)
+        tmpl = vm.save_template()
+    finally:
+        if started:
+            vm.down()
+    if tmpl is None:
+        print(f"{vm.name}: templates are off in {vm.lab.source.name} (templates: false)")
+        return EXIT_FAIL
+    print(f"{vm.name}: template {tmpl.key} in {tmpl.dir}")
+    return EXIT_OK
+
+
+def cmd_template_rm(args) -> int:
+    from ..template import all_templates
+    lab = lab_of(args)
+    found = {t.key: t for t in all_templates(lab.cache_path / "templates")}
+    keys = list(found) if args.all else args.keys
+    if not keys:
+        raise argparse.ArgumentTypeError("template rm: expected KEY... or --all")
+    unknown = [k for k in keys if k not in found]
+    if unknown:
+        raise argparse.ArgumentTypeError(f"template rm: no template {unknown[0]!r} (see "
+                                         f"'uffdlab template list')")
+    for k in keys:
+        found[k].remove()
+        print(f"{k}: removed")
     return EXIT_OK
 
 
@@ -146,6 +210,18 @@ def register(sub) -> None:
     ssh.set_defaults(func=cmd_ssh)
 
     sub.add_parser("status", help="running VMs").set_defaults(func=cmd_status)
+
+    tpl = sub.add_parser("template", help="saved VMs that later VMs restore from")
+    tsub = tpl.add_subparsers(dest="template_command", required=True, metavar="ACTION")
+    tsub.add_parser("list", help="templates with kernel, shape, size").set_defaults(
+        func=cmd_template_list)
+    tb = tsub.add_parser("build", help="boot, provision and save a VM's template")
+    tb.add_argument("vm", nargs="?")
+    tb.set_defaults(func=cmd_template_build)
+    tr = tsub.add_parser("rm", help="delete templates")
+    tr.add_argument("keys", nargs="*", metavar="KEY")
+    tr.add_argument("--all", action="store_true", help="every template in the cache")
+    tr.set_defaults(func=cmd_template_rm)
 
     down = sub.add_parser("down", help="stop a VM and delete its overlay")
     down.add_argument("vm", nargs="?")
