@@ -281,6 +281,9 @@ class VM(Emitter):
             return None
         tmpl, _ = self.template_for(accel, img)
         if not tmpl.exists:
+            self.emit(Kind.TEMPLATE, f"no template for this shape yet ({tmpl.key}: image, "
+                      f"provisioning, guest tools, QEMU and machine arguments as now); "
+                      f"booting cold, provisioning saves one", key=tmpl.key)
             return None
         problem = tmpl.problem(img.meta.get("built_at"))
         if problem:
