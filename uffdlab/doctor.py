@@ -1,17 +1,31 @@
 # SPDX-License-Identifier: MIT
-"""`uffdlab doctor`: can this machine run a lab, and how to fix it if not."""
+"""`uffdlab doctor`: can this machine run a lab, and how to fix it if not.
+
+Every check is quick: modules are looked up, not imported (pandas and
+matplotlib alone take a second and more), and KVM is reported from the
+verdict `uffdlab up` cached, unless a probe boot is asked for (run_checks
+with kvm=True), which takes seconds.
+"""
 from __future__ import annotations
 
-import importlib
+import importlib.util
+import os
 import shutil
+import sys
 from dataclasses import dataclass
+from pathlib import Path
 
 from . import accel
 from .config import Lab
+from .jupyter import KERNEL_NAME
 
 PY_MODULES = ("pydantic", "yaml", "paramiko", "qemu.qmp", "ansible_runner", "papermill",
-              "pandas", "matplotlib")
+              "pandas", "matplotlib", "ipykernel", "nbformat")
 MIN_FREE_GB = 8
+KERNEL_FIX = "./lab setup; or uffdlab jupyter install (--user: for your own Jupyter too)"
+USERNS_CLONE = Path("/proc/sys/kernel/unprivileged_userns_clone")  # Debian's switch
+MAX_USER_NS = Path("/proc/sys/user/max_user_namespaces")
+SUBUID = Path("/etc/subuid")
 
 
 @dataclass
@@ -23,30 +37,127 @@ class Check:
     required: bool = True
 
 
-def run_checks(lab: Lab | None) -> list[Check]:
+def run_checks(lab: Lab | None, kvm: bool = False) -> list[Check]:
+    """The checks in the order doctor prints them; `kvm` boots a kernel
+    under KVM instead of reporting the cached verdict."""
     checks = [_tool("qemu-system-x86_64", "qemu-system-x86"), _tool("qemu-img", "qemu-utils"),
-              _tool("mmdebstrap", "mmdebstrap"), _tool("mkfs.ext4", "e2fsprogs"),
-              _tool("ssh-keygen", "openssh-client"), _python_modules()]
+              _tool("mmdebstrap", "mmdebstrap"), _mmdebstrap_privileges(),
+              _tool("mkfs.ext4", "e2fsprogs"), _tool("ssh-keygen", "openssh-client"),
+              _tool("ssh", "openssh-client", required=False,
+                    why="only 'uffdlab ssh VM' without a command needs it"),
+              _python_modules(), _jupyterlab(), _jupyter_kernel()]
     if lab is not None:
-        checks += [_disk(lab), _kvm(lab)]
+        checks += [_disk(lab), _kvm(lab, probe=kvm)]
     return checks
 
 
-def _tool(cmd: str, package: str) -> Check:
+def _tool(cmd: str, package: str, required: bool = True, why: str = "") -> Check:
     path = shutil.which(cmd)
-    return Check(cmd, path is not None, path or "not found", f"apt-get install -y {package}")
+    detail = path or ("not found" + (f" ({why})" if why else ""))
+    return Check(cmd, path is not None, detail, f"apt-get install -y {package}", required)
+
+
+def _importable(module: str) -> bool:
+    """Whether `module` is installed, without running it."""
+    try:
+        return importlib.util.find_spec(module) is not None
+    except (ImportError, ValueError):     # a parent package missing, or a broken one
+        return False
 
 
 def _python_modules() -> Check:
-    missing = []
-    for mod in PY_MODULES:
-        try:
-            importlib.import_module(mod)
-        except ImportError:
-            missing.append(mod)
+    missing = [mod for mod in PY_MODULES if not _importable(mod)]
     return Check("python dependencies", not missing,
-                 "all importable" if not missing else "missing: " + ", ".join(missing),
+                 "all installed" if not missing else "missing: " + ", ".join(missing),
                  "pip install -e . (inside the project venv)")
+
+
+def _jupyterlab() -> Check:
+    ok = _importable("jupyterlab")
+    return Check("jupyterlab", ok, "installed" if ok else "not installed (only the notebooks "
+                 "in a browser need it; 'uffdlab demo' and 'sweep' do not)",
+                 "./lab setup; or pip install -e '.[lab]' (inside the project venv)",
+                 required=False)
+
+
+def _jupyter_kernel() -> Check:
+    name = f"jupyter kernel {KERNEL_NAME!r}"
+    try:
+        from jupyter_client.kernelspec import KernelSpecManager
+    except ImportError:
+        return Check(name, False, "jupyter_client is not installed", KERNEL_FIX, required=False)
+    manager = KernelSpecManager()
+    found = manager.find_kernel_specs()
+    if KERNEL_NAME not in found:
+        return Check(name, False, "not registered: the notebooks and 'uffdlab demo' run on it",
+                     KERNEL_FIX, required=False)
+    try:
+        python = manager.get_kernel_spec(KERNEL_NAME).argv[0]
+    except (OSError, ValueError, IndexError, KeyError) as e:
+        return Check(name, False, f"registered in {found[KERNEL_NAME]} but unreadable ({e})",
+                     KERNEL_FIX, required=False)
+    # A kernel left by another venv runs a Python that may lack this uffdlab;
+    # python and python3 of one venv share its bin/ (symlinks not resolved:
+    # every venv's python links to the same system one).
+    here = os.path.dirname(os.path.abspath(sys.executable))
+    if os.path.isabs(python) and os.path.dirname(os.path.abspath(python)) != here:
+        return Check(name, False, f"registered in {found[KERNEL_NAME]}, but it runs {python}, "
+                     f"not this Python ({sys.executable})", KERNEL_FIX, required=False)
+    return Check(name, True, found[KERNEL_NAME])
+
+
+def _mmdebstrap_privileges() -> Check:
+    """mmdebstrap --mode=auto builds as root, else in a user namespace
+    (unshare mode), which needs the kernel to allow it and newuidmap with
+    a subordinate id range."""
+    name = "mmdebstrap privileges"
+    if os.geteuid() == 0:
+        return Check(name, True, "root")
+    problems, fixes = [], []
+    clone = _read_proc(USERNS_CLONE)
+    if clone is not None and clone != "1":
+        problems.append(f"{USERNS_CLONE} is {clone}")
+        fixes.append("sudo sysctl -w kernel.unprivileged_userns_clone=1")
+    if _read_proc(MAX_USER_NS) == "0":
+        problems.append(f"{MAX_USER_NS} is 0")
+        fixes.append("sudo sysctl -w user.max_user_namespaces=15000")
+    if shutil.which("newuidmap") is None:
+        problems.append("newuidmap not found")
+        fixes.append("apt-get install -y uidmap")
+    user = _user_name()
+    if not _has_subuid(user):
+        problems.append(f"no range for {user} in {SUBUID}")
+        fixes.append(f"sudo usermod --add-subuids 100000-165535 --add-subgids 100000-165535 "
+                     f"{user}")
+    if problems:
+        return Check(name, False, "not root, and unshare mode cannot work: "
+                     + "; ".join(problems), "; ".join(fixes) + " (or build images as root)",
+                     required=False)
+    return Check(name, True, "unshare mode (user namespaces, newuidmap)")
+
+
+def _read_proc(path: Path) -> str | None:
+    try:
+        return path.read_text().strip()
+    except OSError:
+        return None                         # absent: the kernel has no such switch
+
+
+def _user_name() -> str:
+    import pwd
+    try:
+        return pwd.getpwuid(os.geteuid()).pw_name
+    except KeyError:
+        return str(os.geteuid())
+
+
+def _has_subuid(user: str) -> bool:
+    try:
+        lines = SUBUID.read_text().splitlines()
+    except OSError:
+        return False
+    owners = {line.split(":", 1)[0] for line in lines if ":" in line}
+    return user in owners or str(os.geteuid()) in owners
 
 
 def _disk(lab: Lab) -> Check:
@@ -60,8 +171,7 @@ def _disk(lab: Lab) -> Check:
                  f"1 GB each, plus overlays)")
 
 
-def _kvm(lab: Lab) -> Check:
-    from .images import ImageStore
+def _kvm(lab: Lab, probe: bool = False) -> Check:
     usable, why_not = accel.kvm_status()
     if not usable and why_not == "missing":
         return Check("accel", True, "/dev/kvm is missing: VMs will run under TCG "
@@ -70,12 +180,37 @@ def _kvm(lab: Lab) -> Check:
         return Check("accel", False, f"/dev/kvm exists but cannot be opened ({why_not}): "
                      "VMs will run under TCG, many times slower",
                      "add yourself to the kvm group (sudo usermod -aG kvm $USER), then log "
-                     "in again; or set accel: tcg to silence this", required=False)
+                     "in again" + ("" if lab.accel == "tcg" else "; or set accel: tcg in "
+                                   f"{lab.source.name} to run under TCG on purpose"),
+                     required=False)
+    if lab.accel == "tcg":              # KVM would work, but is not asked for
+        return Check("accel", True, f"tcg, as {lab.source.name} asks (/dev/kvm opens)",
+                     required=False)
+    return _kvm_probe(lab) if probe else _kvm_cached(lab)
+
+
+def _kvm_cached(lab: Lab) -> Check:
+    """The verdict `uffdlab up` cached for this host kernel and QEMU."""
+    cache = lab.cache_path / "accel.json"
+    key = f"{os.uname().release}|{accel.qemu_version()}"   # as accel.choose keys it
+    choice = accel._read_cache(cache, key)
+    if choice is None:
+        return Check("accel", True, "/dev/kvm opens; whether guests run under KVM is not "
+                     "known yet: 'uffdlab doctor --kvm' or the first 'uffdlab up' boots a "
+                     "kernel to find out", required=False)
+    if choice.accel == "kvm":
+        return Check("accel", True, f"KVM works: {choice.reason} (cached in {cache})")
+    return Check("accel", True, f"TCG: {choice.reason} (cached in {cache}; delete it to "
+                 "probe again at the next 'uffdlab up')", required=False)
+
+
+def _kvm_probe(lab: Lab) -> Check:
+    from .images import ImageStore
     store = ImageStore(lab)
     built = [img for img in map(store.image, lab.images) if img.built or img.spec.kernel.is_local]
     if not built:
-        return Check("accel", True, "/dev/kvm opens; whether guests run under it is "
-                     "checked at the first 'uffdlab up'", required=False)
+        return Check("accel", True, "/dev/kvm opens; no image is built to probe KVM with "
+                     "('uffdlab image build' first)", required=False)
     img = built[0]
     ok, why = accel.probe_kvm(img.vmlinuz, img.initrd)
     if ok:

@@ -5,7 +5,10 @@ An image lives in `<cache>/images/<key>/`, where the key is a hash of the
 recipe: base.qcow2, vmlinuz, initrd.img, the pinned SSH host key and
 meta.json. Building an unchanged recipe is a lookup. A build happens in a
 scratch directory renamed into place at the end, so a failed or interrupted
-build leaves nothing half-made in the cache.
+build leaves nothing half-made in the cache. The build's log (mmdebstrap's
+output) stays in the image directory as build.log; a failed build's log is
+moved to `<cache>/images/failed-<image>-<time>.log`, which its error names
+(the last KEEP_FAILED_LOGS per image are kept).
 """
 from __future__ import annotations
 
@@ -13,6 +16,7 @@ import fcntl
 import hashlib
 import json
 import os
+import re
 import shutil
 import struct
 import subprocess
@@ -40,6 +44,12 @@ DPKG_OPTS = ("path-exclude=/usr/share/man/*", "path-exclude=/usr/share/doc/*",
 
 class ImageError(Exception):
     pass
+
+
+# A failed build's log is kept as <cache>/images/failed-<image>-<time>.log;
+# this many per image, the older ones (of that naming only) deleted.
+KEEP_FAILED_LOGS = 3
+_STAMP = "%Y%m%d-%H%M%S"
 
 
 @dataclass(frozen=True)
@@ -198,8 +208,11 @@ class ImageStore:
         scratch = self.root / f".build-{img.key}-{os.getpid()}"
         shutil.rmtree(scratch, ignore_errors=True)
         scratch.mkdir(parents=True)
+        log = scratch / "build.log"         # kept in the image dir, or as failed-*.log
         started = time.monotonic()
         try:
+            log.write_text(f"uffdlab: building image {img.name} (recipe {img.key}) at "
+                           f"{time.strftime('%Y-%m-%d %H:%M:%S %z')}\n")
             hostkey = scratch / "ssh_host_ed25519_key"
             _run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-C",
                   f"uffdlab-{img.name}", "-f", str(hostkey)], "ssh-keygen")
@@ -207,7 +220,7 @@ class ImageStore:
             env = {**os.environ,
                    **mmdebstrap_env(rec, scratch, self.keys.public_path, hostkey)}
             ev.emit(Kind.BUILDING, f"mmdebstrap {rec['suite']} with {rec['kernel_package']}")
-            self._mmdebstrap(argv, scratch / "build.log", ev, env)
+            self._mmdebstrap(argv, log, ev, env)
             ev.emit(Kind.BUILDING, "converting to qcow2")
             _run(["qemu-img", "convert", "-O", "qcow2", str(scratch / "rootfs.raw"),
                   str(scratch / "base.qcow2")], "qemu-img convert")
@@ -226,9 +239,14 @@ class ImageStore:
             if img.dir.exists():                  # --force: replace the old one
                 shutil.rmtree(img.dir)
             scratch.rename(img.dir)
-        except BaseException:
+        except BaseException as e:
+            kept = self._keep_failed_log(img.name, log, e)
             shutil.rmtree(scratch, ignore_errors=True)
-            raise
+            if not isinstance(e, Exception):     # interrupted: the log is kept all the same
+                raise
+            what = str(e) if isinstance(e, ImageError) else (
+                f"image {img.name}: build failed: {type(e).__name__}: {e}")
+            raise ImageError(f"{what}\n{kept}") from e
         ev.emit(Kind.BUILDING, f"done in {meta['build_seconds']} s, kernel "
                 f"{meta['kernel_release']}, {format_size_mb(meta['size'])}",
                 seconds=meta["build_seconds"])
@@ -238,7 +256,11 @@ class ImageStore:
         if shutil.which("mmdebstrap") is None:
             raise ImageError("mmdebstrap is not installed (apt-get install mmdebstrap); "
                              "run 'uffdlab doctor'")
-        with open(log, "w") as logf:
+        # Appended to the build's log, line-buffered so our copy of stderr
+        # and mmdebstrap's stdout stay in order.
+        with open(log, "a", buffering=1) as logf:
+            logf.write("$ " + " ".join(argv) + "\n")
+            logf.flush()
             proc = subprocess.Popen(argv, stdout=logf, stderr=subprocess.PIPE, text=True,
                                     env=env)
             try:
@@ -256,6 +278,39 @@ class ImageStore:
         if proc.returncode != 0:
             raise ImageError(f"mmdebstrap failed (exit {proc.returncode}); last lines:\n"
                              + "\n".join(tail))
+
+    def _keep_failed_log(self, name: str, log: Path, error: BaseException) -> str:
+        """Move a failed build's log out of the scratch directory (which
+        goes) to failed-<name>-<time>.log, the error at its end; prune the
+        image's older ones. Returns the line that says where it is."""
+        safe = re.sub(r"[^A-Za-z0-9_.-]", "_", name)
+        try:
+            with open(log, "a") as f:
+                f.write(f"uffdlab: build failed: {type(error).__name__}: {error}\n")
+            stamp = time.strftime(_STAMP)
+            dest = self.root / f"failed-{safe}-{stamp}.log"
+            n = 1
+            while dest.exists():               # two failures in one second
+                n += 1
+                dest = self.root / f"failed-{safe}-{stamp}-{n}.log"
+            os.replace(log, dest)
+        except OSError as e:
+            return f"(the build log could not be kept: {e})"
+        try:
+            self._prune_failed_logs(safe)
+        except OSError:
+            pass                                # old logs stay; this one is kept
+        return f"full build log: {dest}"
+
+    def _prune_failed_logs(self, safe: str) -> None:
+        pattern = re.compile(rf"failed-{re.escape(safe)}-(\d{{8}}-\d{{6}})(?:-(\d+))?\.log")
+        found = []
+        for p in self.root.iterdir():
+            m = pattern.fullmatch(p.name)
+            if m:                               # not another image's: the name ends here
+                found.append(((m[1], int(m[2] or 1)), p))
+        for _, p in sorted(found)[:-KEEP_FAILED_LOGS]:
+            p.unlink(missing_ok=True)
 
     def list(self) -> list[dict]:
         """Every lab image with whether it is built, and its facts if so."""

@@ -31,8 +31,8 @@ class Kind(StrEnum):
     ACCEL          auto fell back to TCG: `accel`
     SSH_READY      SSH answers: `port`, `seconds`
     PROVISIONING   playbook started / finished: `changed`, `seconds` when done
-    TASK           one Ansible task ended: `task`, `host`, `state` (ok, changed,
-                   skipped, failed)
+    TASK           one Ansible task started or ended: `task`, `host` (may be empty
+                   for a start), `state` (started, ok, changed, skipped, failed)
     RUNNING        a run starts (`run_id`) or ends (`run_id`, `status`)
     PROGRESS       `done`, `total`; runs add `faults`, `phase`
     STORED         a run is in the database or the spool: `run_id`, `stored`,
@@ -42,6 +42,13 @@ class Kind(StrEnum):
                    unusable and replaced (`key`, `problem`)
     STOPPED        the VM is down and its overlay deleted
     FAILED         a step failed; the message says which and why
+    HEARTBEAT      a long step is still going (every few seconds): `step` (booting,
+                   restoring, provisioning), `elapsed` seconds since the step began;
+                   booting and restoring add `line`, the console's latest non-empty
+                   line (escape sequences removed, at most 100 characters);
+                   provisioning adds `task` (the running Ansible task, "" between
+                   tasks) and `task_elapsed` (None without a task). Renderers show
+                   it in place of the last heartbeat; it is never a result.
     """
 
     BUILDING = "building"
@@ -56,6 +63,7 @@ class Kind(StrEnum):
     TEMPLATE = "template"
     STOPPED = "stopped"
     FAILED = "failed"
+    HEARTBEAT = "heartbeat"
 
 
 @dataclass
@@ -100,3 +108,104 @@ class RunResult:
         d = asdict(self)
         d["status"] = str(self.status)
         return d
+
+    # -- display: a notebook shows _repr_html_, print() and logs __repr__; the
+    # generated dataclass repr printed every field, the raw JSON Lines too.
+
+    # (label, key path in the summary, unit) of the figures _repr_html_ shows;
+    # the paths are those of results.METRICS (this module imports no other).
+    _DISPLAY_METRICS = (("snapshot", ("snapshot_ms",), "ms"), ("pause", ("pause_ms",), "ms"),
+                        ("copy throughput", ("throughput_mb_s",), "MB/s"),
+                        ("faults", ("faults_total",), ""),
+                        ("fault latency p50", ("fault_latency_us", "p50"), "us"),
+                        ("fault latency p99", ("fault_latency_us", "p99"), "us"),
+                        ("writer stall max", ("writer_stall_max_ms",), "ms"),
+                        ("mismatched pages", ("mismatched_pages",), ""))
+
+    def _metric(self, *path: str) -> str | None:
+        """A summary figure as text, None if absent. The rule of
+        results.format_number (grouped): whole numbers as they are, others
+        with 0, 1 or 2 decimals by size."""
+        v: Any = self.summary or {}
+        for key in path:
+            v = v.get(key) if isinstance(v, dict) else None
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or v != v \
+                or v in (float("inf"), float("-inf")):
+            return None
+        if isinstance(v, int):
+            return f"{v:,}"
+        return f"{v:,.0f}" if abs(v) >= 100 else f"{v:.1f}" if abs(v) >= 10 else f"{v:.2f}"
+
+    @staticmethod
+    def _clip(text: Any, limit: int) -> str:
+        """One line of at most `limit` characters."""
+        s = " ".join(str(text).split())
+        return s if len(s) <= limit else s[:limit - 1] + "…"
+
+    def _verdict(self, error_limit: int = 48) -> str:
+        """'ok, consistent', 'inconsistent, 2,048 mismatched pages (expected)',
+        'timeout: <first line of the error>'."""
+        status = str(self.status)
+        if status not in (Status.OK, Status.INCONSISTENT):        # did not finish
+            first = (self.error or "").strip().splitlines()
+            return f"{status}: {self._clip(first[0], error_limit)}" if first else status
+        if self.consistent is None:
+            return f"{status}, not verified"
+        pages = self._metric("mismatched_pages")
+        text = "consistent" if self.consistent else (
+            f"{pages} mismatched pages" if pages else "inconsistent")
+        if self.as_expected is False:
+            return f"{status}, {text} (UNEXPECTED)"
+        return f"{status}, {text}" + ("" if self.consistent or self.as_expected is None
+                                      else " (expected)")
+
+    def __repr__(self) -> str:
+        c = self._clip
+        parts = [self._verdict()]
+        for label, path, unit in (("snapshot", ("snapshot_ms",), "ms"),
+                                  ("p99", ("fault_latency_us", "p99"), "us")):
+            v = self._metric(*path)
+            if v is not None:
+                parts.append(f"{label} {v} {unit}")
+        parts.append(f"run {c(self.run_id, 16)}")
+        return (f"RunResult({c(self.scenario, 12)} {c(self.scenario_name, 24)} on "
+                f"{c(self.vm, 24)}, {c(self.kernel, 32)}, {c(self.accel, 8)}: "
+                + ", ".join(parts) + ")")
+
+    def _repr_html_(self) -> str:
+        import html
+        import time
+
+        def row(label: str, value: Any, pre: bool = False) -> str:
+            v = html.escape(str(value))
+            v = f"<pre style='margin:0'>{v}</pre>" if pre else v
+            return f"<tr><th style='text-align:left'>{html.escape(label)}</th><td " \
+                   f"style='text-align:left'>{v}</td></tr>"
+
+        rows = [row("verdict", self._verdict(error_limit=200))]
+        if self.error:
+            err = self.error.strip()
+            rows.append(row("error", err if len(err) <= 1000 else err[:1000] + "\n… "
+                            "(report.failure_text(result) shows all)", pre=True))
+        for label, path, unit in self._DISPLAY_METRICS:
+            v = self._metric(*path)
+            if v is not None:
+                rows.append(row(label, f"{v} {unit}".strip()))
+        causes = (self.summary or {}).get("mismatches_by_cause")
+        if causes and isinstance(causes, dict):
+            rows.append(row("mismatches by cause", ", ".join(f"{k} {n}"
+                                                             for k, n in causes.items())))
+        if self.params:
+            rows.append(row("parameters", ", ".join(f"{k}={v}" for k, v in self.params.items())))
+        try:
+            started = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(float(self.started)))
+        except (TypeError, ValueError, OverflowError, OSError):
+            started = str(self.started)
+        rows += [row("vm", self.vm), row("image", f"{self.image} ({self.image_key})"),
+                 row("kernel", self.kernel), row("accel", self.accel),
+                 row("guest tools", self.tools_version), row("run id", self.run_id),
+                 row("started", started), row("duration", f"{self.duration_s:.1f} s"
+                                       if isinstance(self.duration_s, (int, float)) else "–")]
+        title = html.escape(f"{self.scenario} {self.scenario_name}")
+        return (f"<table><caption style='text-align:left'><b>{title}</b></caption>"
+                + "".join(rows) + "</table>")

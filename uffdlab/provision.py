@@ -7,6 +7,7 @@ host key); Ansible's task events become the VM's lifecycle events.
 """
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import hashlib
 import json
@@ -15,6 +16,7 @@ import re
 import shutil
 import sys
 import tempfile
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -77,21 +79,25 @@ def provision(vm: VM, playbook: str = "provision.yml") -> ProvisionResult:
         (tmp / "runner").mkdir()
         lab_vars = vm.lab.provision.model_dump()
         bin_dir = str(Path(sys.executable).parent)
-        runner = ansible_runner.run(
-            private_data_dir=str(tmp / "runner"),
-            project_dir=str(PLAYBOOKS),
-            playbook=playbook,
-            inventory=inventory(vm, tmp / "known_hosts", tmp / "cp"),
-            extravars={"lab": lab_vars, "guest_tools_tar": str(tarball),
-                       "guest_tools_sha256": hashlib.sha256(tarball.read_bytes()).hexdigest()},
-            envvars={"ANSIBLE_PIPELINING": "True", "ANSIBLE_HOST_KEY_CHECKING": "True",
-                     "ANSIBLE_NOCOLOR": "1", "ANSIBLE_RETRY_FILES_ENABLED": "False",
-                     "ANSIBLE_SSH_RETRIES": "5", "ANSIBLE_LOCAL_TEMP": str(tmp / "at"),
-                     "PATH": bin_dir + os.pathsep + os.environ.get("PATH", "")},
-            event_handler=events,
-            quiet=True,
-            suppress_env_files=True,
-        )
+        # ansible-runner calls the handler only on events: a thread says, every
+        # few seconds, which task is running (the guest build takes minutes)
+        with events.heartbeats(HEARTBEAT_SECONDS, since=started):
+            runner = ansible_runner.run(
+                private_data_dir=str(tmp / "runner"),
+                project_dir=str(PLAYBOOKS),
+                playbook=playbook,
+                inventory=inventory(vm, tmp / "known_hosts", tmp / "cp"),
+                extravars={"lab": lab_vars, "guest_tools_tar": str(tarball),
+                           "guest_tools_sha256":
+                               hashlib.sha256(tarball.read_bytes()).hexdigest()},
+                envvars={"ANSIBLE_PIPELINING": "True", "ANSIBLE_HOST_KEY_CHECKING": "True",
+                         "ANSIBLE_NOCOLOR": "1", "ANSIBLE_RETRY_FILES_ENABLED": "False",
+                         "ANSIBLE_SSH_RETRIES": "5", "ANSIBLE_LOCAL_TEMP": str(tmp / "at"),
+                         "PATH": bin_dir + os.pathsep + os.environ.get("PATH", "")},
+                event_handler=events,
+                quiet=True,
+                suppress_env_files=True,
+            )
         if runner.status != "successful" or events.failure:
             raise ProvisionError(events.failure or
                                  f"ansible-runner ended {runner.status} (rc {runner.rc}): "
@@ -158,8 +164,18 @@ def ensure_provisioned(vm: VM) -> dict:
     return vm.state().facts
 
 
+# Seconds between provisioning heartbeats.
+HEARTBEAT_SECONDS = 5.0
+
+# The events that say a task begins: one per task, then one per host.
+_TASK_START = ("playbook_on_task_start", "playbook_on_handler_task_start", "runner_on_start")
+_TASK_END = ("runner_on_ok", "runner_on_skipped", "runner_on_failed", "runner_on_unreachable")
+
+
 class _EventCollector:
-    """ansible-runner event handler: tally, forward as VM events, keep the probe."""
+    """ansible-runner event handler: tally, forward as VM events, keep the probe.
+    A task is announced when it starts (once, whichever start event comes
+    first) and again when it ends; heartbeats() says which one is running."""
 
     def __init__(self, vm: VM):
         self.vm = vm
@@ -167,6 +183,15 @@ class _EventCollector:
         self.changed: list[str] = []
         self.failure: str | None = None
         self.probe: dict | None = None
+        self.task = ""                        # the running task, "" between tasks
+        self.task_started = time.monotonic()
+        self._announced: set[str] = set()
+        # the handler and the heartbeat thread both emit: one at a time
+        self._lock = threading.Lock()
+
+    def _emit(self, kind: Kind, message: str, **data) -> None:
+        with self._lock:
+            self.vm.emit(kind, message, **data)
 
     def __call__(self, event: dict) -> bool:
         kind = event.get("event", "")
@@ -174,16 +199,25 @@ class _EventCollector:
         task = data.get("task", "")
         host = data.get("host", "")
         res = data.get("res", {}) or {}
-        if kind == "runner_on_ok":
+        if kind in _TASK_END and task == self.task:
+            self.task = ""                    # it ended: nothing runs until the next start
+        if kind in _TASK_START:
+            key = data.get("task_uuid") or task
+            if key not in self._announced:
+                self._announced.add(key)
+                self.task, self.task_started = task, time.monotonic()
+                self._emit(Kind.TASK, f"started: {task}", task=task, host=host,
+                           state="started")
+        elif kind == "runner_on_ok":
             self.ok += 1
             state = "changed" if res.get("changed") else "ok"
             if res.get("changed"):
                 self.changed.append(task)
             if "uffd_probe" in res.get("ansible_facts", {}):
                 self.probe = res["ansible_facts"]["uffd_probe"]
-            self.vm.emit(Kind.TASK, f"{state}: {task}", task=task, host=host, state=state)
+            self._emit(Kind.TASK, f"{state}: {task}", task=task, host=host, state=state)
         elif kind == "runner_on_skipped":
-            self.vm.emit(Kind.TASK, f"skipped: {task}", task=task, host=host, state="skipped")
+            self._emit(Kind.TASK, f"skipped: {task}", task=task, host=host, state="skipped")
         elif kind in ("runner_on_failed", "runner_on_unreachable"):
             if kind == "runner_on_failed" and data.get("ignore_errors"):
                 return True
@@ -191,8 +225,41 @@ class _EventCollector:
             self.failure = (f"task '{task}' failed on {host}"
                             f"{' (unreachable)' if kind.endswith('unreachable') else ''}: "
                             f"{str(msg).strip()[-1500:]}")
-            self.vm.emit(Kind.TASK, f"failed: {task}", task=task, host=host, state="failed")
+            self._emit(Kind.TASK, f"failed: {task}", task=task, host=host, state="failed")
         return True
+
+    def beat(self, started: float) -> None:
+        """One provisioning heartbeat: time since `started`, the running task."""
+        now = time.monotonic()
+        task, since = self.task, self.task_started
+        elapsed, in_task = round(now - started, 1), round(now - since, 1)
+        self._emit(Kind.HEARTBEAT, f"provisioning for {elapsed:.0f} s"
+                   + (f"; task '{task}' running for {in_task:.0f} s" if task else ""),
+                   step="provisioning", elapsed=elapsed, task=task,
+                   task_elapsed=in_task if task else None)
+
+    @contextlib.contextmanager
+    def heartbeats(self, every: float, since: float | None = None):
+        """A daemon thread calling beat() every `every` seconds while the
+        block runs (elapsed counts from `since`, a monotonic time, or now);
+        stopped and joined however the block ends."""
+        stop = threading.Event()
+        started = time.monotonic() if since is None else since
+
+        def loop() -> None:
+            while not stop.wait(every):
+                try:
+                    self.beat(started)
+                except Exception:             # a broken listener must not kill the run
+                    pass
+
+        thread = threading.Thread(target=loop, name=f"heartbeat-{self.vm.name}", daemon=True)
+        thread.start()
+        try:
+            yield
+        finally:
+            stop.set()
+            thread.join()
 
 
 def _tail(text: str, n: int = 20) -> str:

@@ -361,6 +361,28 @@ def _decode_json(name: str, raw: Any) -> tuple[Any, str | None]:
     return {"_unreadable": problem}, problem
 
 
+# Where a kernel release may be cut for --kernel: 6.1 is a prefix of
+# 6.1.0-37-amd64 and 6.12.38 of 6.12.38+deb13-cloud-amd64, but 6.1 is not one of 6.12.
+KERNEL_BOUNDARIES = ".-+"
+
+
+def _kernel_clause(kernel: str) -> str:
+    if not isinstance(kernel, str) or not kernel.strip():
+        raise ValueError(f"kernel: expected a kernel release or a prefix of one, got "
+                         f"{kernel!r}")
+    if kernel[-1] in KERNEL_BOUNDARIES:     # the caller drew the boundary already
+        return "substr(kernel, 1, ?) = ?"
+    # substr, not LIKE: a release's '_' or '%' must not act as a wildcard, and the
+    # comparison stays case-sensitive.
+    return ("(kernel = ? OR (substr(kernel, 1, ?) = ? AND substr(kernel, ?, 1) IN ("
+            + ", ".join(f"'{c}'" for c in KERNEL_BOUNDARIES) + ")))")
+
+
+def _kernel_args(kernel: str) -> list:
+    n = len(kernel)
+    return [n, kernel] if kernel[-1] in KERNEL_BOUNDARIES else [kernel, n, kernel, n + 1]
+
+
 # -- the database -------------------------------------------------------------
 
 class ResultsDB:
@@ -553,7 +575,8 @@ class ResultsDB:
     # -- reading --
     @staticmethod
     def _filters(scenario: str | None = None, status: str | None = None,
-                 vm: str | None = None) -> tuple[str, list]:
+                 vm: str | None = None, kernel: str | None = None,
+                 since: float | None = None) -> tuple[str, list]:
         where, args = [], []
         if scenario is not None:
             where.append("(scenario = ? COLLATE NOCASE OR scenario_name = ? COLLATE NOCASE)")
@@ -567,6 +590,14 @@ class ResultsDB:
         if vm is not None:
             where.append("vm = ?")
             args.append(vm)
+        if kernel is not None:
+            where.append(_kernel_clause(kernel))
+            args += _kernel_args(kernel)
+        if since is not None:
+            if _num(since) is None:
+                raise ValueError(f"since: expected a Unix time in seconds, got {since!r}")
+            where.append("started >= ?")
+            args.append(since)
         return (" WHERE " + " AND ".join(where)) if where else "", args
 
     @staticmethod
@@ -578,22 +609,27 @@ class ResultsDB:
                              f"got {last!r}")
         return " LIMIT ?", [last]
 
-    def _select_ids(self, last, scenario, status, vm) -> tuple[str, list]:
+    def _select_ids(self, last, scenario, status, vm, kernel=None,
+                    since=None) -> tuple[str, list]:
         """SQL selecting the matching run ids (newest `last` of them)."""
-        where, args = self._filters(scenario, status, vm)
+        where, args = self._filters(scenario, status, vm, kernel, since)
         limit, largs = self._limit(last)
         return (f"SELECT run_id FROM runs{where} ORDER BY started DESC, rowid DESC{limit}",
                 args + largs)
 
     def runs(self, last: int | None = None, scenario: str | None = None,
-             status: str | None = None, vm: str | None = None) -> list[dict]:
+             status: str | None = None, vm: str | None = None, *,
+             kernel: str | None = None, since: float | None = None) -> list[dict]:
         """Matching runs, oldest first (`last`: only the newest N of them).
 
         `scenario` is an id (S3) or a readable name (multi-writer), any case.
+        `kernel` is a release or a prefix of one ending where the release has
+        a '.', '-' or '+' (6.1 matches 6.1.0-37-amd64, not 6.12.38);
+        `since` a Unix time: runs started then or later.
         Each dict has the `runs` columns but the summary/config JSON (see
         get()), with `params` decoded and the consistency columns as bools.
         """
-        ids, args = self._select_ids(last, scenario, status, vm)
+        ids, args = self._select_ids(last, scenario, status, vm, kernel, since)
         with self._lock, self._guard():
             rows = self._conn.execute(
                 f"SELECT {self._select_list(_LIST_FIELDS)} FROM runs WHERE run_id IN ({ids}) "
@@ -672,11 +708,12 @@ class ResultsDB:
         return res
 
     def frames(self, last: int | None = None, *, scenario: str | None = None,
-               vm: str | None = None, status: str | None = None) -> Frames:
+               vm: str | None = None, status: str | None = None, kernel: str | None = None,
+               since: float | None = None) -> Frames:
         """Matching runs (filters as in runs()) as tidy DataFrames: see Frames."""
         import pandas as pd
 
-        ids, args = self._select_ids(last, scenario, status, vm)
+        ids, args = self._select_ids(last, scenario, status, vm, kernel, since)
         with self._lock, self._guard():
             conn = self._conn
             conn.execute("BEGIN")                # all frames from one snapshot
@@ -1000,47 +1037,339 @@ def format_number(v: Any, missing: str = "-", grouped: bool = False) -> str:
     return f"{v:{sep}.0f}" if a >= 100 else f"{v:.1f}" if a >= 10 else f"{v:.2f}"
 
 
-_TABLE = (  # header, row -> text, right-aligned
-    ("id", lambda r: str(r.get("run_id") or "") + (" (?)" if r.get("unreadable") else ""),
-     False),
-    ("time", lambda r: time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(r["started"]))
-     if r.get("started") is not None else "-", False),
-    ("vm", lambda r: str(r.get("vm") or "-"), False),
-    ("kernel", lambda r: str(r.get("kernel") or "-"), False),
-    ("accel", lambda r: str(r.get("accel") or "-"), False),
-    ("scenario", lambda r: " ".join(str(x) for x in (r.get("scenario"), r.get("scenario_name"))
-                                    if x), False),
-    ("status", lambda r: str(r.get("status") or "-") + (
-        " (!)" if r.get("consistent") is not None and r.get("expect_consistent") is not None
-        and bool(r["consistent"]) != bool(r["expect_consistent"]) else ""), False),
-    ("snapshot ms", lambda r: format_number(r.get("snapshot_ms")), True),
-    ("p99 us", lambda r: format_number(r.get("lat_p99_us")), True),
-    ("max stall ms", lambda r: format_number(r.get("stall_max_ms")), True),
-    ("faults", lambda r: format_number(r.get("faults_total")), True),
-    ("mismatched", lambda r: format_number(r.get("mismatched_pages")), True),
+LIST_FIELDS = _LIST_FIELDS     # the keys of runs()'s dicts (the CSV columns)
+ELLIPSIS = "..."         # ASCII, so a terminal in any locale can print it
+ERROR_MAX = 60           # a table's error: its first line, cut here or at the width
+
+
+def cut(text: str, n: int) -> str:
+    """`text` in at most `n` characters, an ellipsis marking the cut."""
+    if len(text) <= n:
+        return text
+    return text[:max(n, 0)] if n <= len(ELLIPSIS) else text[:n - len(ELLIPSIS)] + ELLIPSIS
+
+
+def first_line(text: Any) -> str:
+    lines = str(text or "").strip().splitlines()
+    return lines[0].strip() if lines else ""
+
+
+def _local_time(started: Any, fmt: str = "%Y-%m-%d %H:%M:%S") -> str:
+    if started is None:
+        return "-"
+    try:
+        return time.strftime(fmt, time.localtime(started))
+    except (TypeError, ValueError, OverflowError, OSError):   # a damaged row still lists
+        return str(started)
+
+
+def _unexpected(r: Mapping[str, Any]) -> bool:
+    """A consistency verdict that differs from the scenario's expectation."""
+    c, e = r.get("consistent"), r.get("expect_consistent")
+    return c is not None and e is not None and bool(c) != bool(e)
+
+
+@dataclass
+class _Style:
+    """How format_table draws its columns; the fitting steps change it."""
+
+    dropped: set[str] = field(default_factory=set)
+    time_format: str = "%Y-%m-%d %H:%M:%S"
+    kernel_max: int = 10**6
+    scenario_ids_only: bool = False
+    short_heads: bool = False
+    gap: int = 2
+
+
+@dataclass(frozen=True)
+class _Column:
+    key: str
+    head: str
+    cell: Any                  # (row, style) -> text
+    right: bool = False        # numbers line up on the right
+    short_head: str | None = None
+
+
+def _scenario_cell(r: Mapping[str, Any], s: _Style) -> str:
+    parts = (r.get("scenario"),) if s.scenario_ids_only else (r.get("scenario"),
+                                                               r.get("scenario_name"))
+    return " ".join(str(x) for x in parts if x) or "-"
+
+
+def _metric(name: str, head: str, short: str | None = None) -> _Column:
+    return _Column(name, head, lambda r, s: format_number(r.get(name)), True, short)
+
+
+_COLUMNS = (
+    _Column("id", "id", lambda r, s: str(r.get("run_id") or "")
+            + (" (?)" if r.get("unreadable") else "")),
+    _Column("time", "time", lambda r, s: _local_time(r.get("started"), s.time_format)),
+    _Column("vm", "vm", lambda r, s: str(r.get("vm") or "-")),
+    _Column("kernel", "kernel", lambda r, s: cut(str(r.get("kernel") or "-"), s.kernel_max)),
+    _Column("accel", "accel", lambda r, s: str(r.get("accel") or "-")),
+    _Column("scenario", "scenario", _scenario_cell),
+    _Column("status", "status", lambda r, s: str(r.get("status") or "-")
+            + (" (!)" if _unexpected(r) else "")),
+    _metric("snapshot_ms", "snapshot ms", "snap ms"),
+    _metric("lat_p99_us", "p99 us"),
+    _metric("stall_max_ms", "max stall ms", "stall ms"),
+    _metric("faults_total", "faults"),
+    _metric("mismatched_pages", "mismatched", "mism"),
 )
 
 
-def format_table(rows: Iterable[Mapping[str, Any]]) -> str:
+def _drop(key: str):
+    return lambda s: s.dropped.add(key)
+
+
+# What gives way, in this order, when a table is wider than format_table's
+# `width`: shortening before dropping, the least telling first. The id (what
+# `uffdlab results show` takes), the status and the mismatched pages stay.
+# Errors take what the width leaves after the status. Past the last step,
+# lines are cut at the width.
+FIT_STEPS: tuple[tuple[str, Any], ...] = (
+    ("kernel releases cut to 16 characters", lambda s: setattr(s, "kernel_max", 16)),
+    ("accel dropped", _drop("accel")),
+    ("time without the year and seconds", lambda s: setattr(s, "time_format", "%m-%d %H:%M")),
+    ("metric headers shortened", lambda s: setattr(s, "short_heads", True)),
+    ("scenario names dropped (ids only)", lambda s: setattr(s, "scenario_ids_only", True)),
+    ("faults dropped", _drop("faults_total")),
+    ("max stall dropped", _drop("stall_max_ms")),
+    ("kernel dropped", _drop("kernel")),
+    ("vm dropped", _drop("vm")),
+    ("time dropped", _drop("time")),
+    ("one space between columns", lambda s: setattr(s, "gap", 1)),
+    ("p99 dropped", _drop("lat_p99_us")),
+    ("snapshot ms dropped", _drop("snapshot_ms")),
+)
+
+
+def _render(rows: list[Mapping[str, Any]], style: _Style, width: int | None) -> list[str] | None:
+    """The table's lines drawn in `style`, or None when wider than `width`.
+
+    A run with an error shows its first line after the status, over the
+    metric columns (a failed run has no metrics), in whatever the width
+    leaves: the error never makes the other runs lose a column."""
+    cols = [c for c in _COLUMNS if c.key not in style.dropped]
+    heads = [(c.short_head or c.head) if style.short_heads else c.head for c in cols]
+    cells = [[c.cell(r, style) for c in cols] for r in rows]
+    widths = [max(len(h), *(len(row[i]) for row in cells)) for i, h in enumerate(heads)]
+    if width is not None and sum(widths) + style.gap * (len(widths) - 1) > width:
+        return None
+    gap = " " * style.gap
+    n_text = 1 + max(i for i, c in enumerate(cols) if not c.right)  # through status
+
+    def line(values: list[str]) -> str:
+        return gap.join(v.rjust(w) if c.right else v.ljust(w)
+                        for v, w, c in zip(values, widths, cols)).rstrip()
+
+    out = [line(heads), line(["-" * w for w in widths])]
+    for r, row in zip(rows, cells):
+        error = first_line(r.get("error"))
+        if not error:
+            out.append(line(row))
+            continue
+        metrics = any(v != "-" for v in row[n_text:])
+        start = line(row) if metrics else line(row[:n_text] + [""] * (len(row) - n_text))
+        start = start.ljust(sum(widths[:n_text]) + style.gap * n_text) if not metrics \
+            else start + gap
+        room = ERROR_MAX if width is None else width - len(start)
+        out.append((start + cut(error, room)).rstrip())
+    return out
+
+
+def format_table(rows: Iterable[Mapping[str, Any]], width: int | None = None) -> str:
     """A compact text table of runs (the dicts of ResultsDB.runs()) for
     `uffdlab results`. A status marked (!) is a consistency verdict that
     differs from what the scenario expects on a correct kernel; an id marked
-    (?) has a stored field that cannot be read (explained under the table)."""
+    (?) has a stored field that cannot be read (explained under the table);
+    a run with an error shows its first line after its status.
+
+    `width`: no line is longer; columns shrink or go in FIT_STEPS order.
+    None draws every column in full."""
+    import textwrap
+
+    if width is not None and (isinstance(width, bool) or not isinstance(width, int)
+                              or width < 1):
+        raise ValueError(f"width: expected a positive number of characters, got {width!r}")
     rows = list(rows)
     if not rows:
         return "no runs"
-    cells = [[fmt(r) for _, fmt, _ in _TABLE] for r in rows]
-    heads = [h for h, _, _ in _TABLE]
-    widths = [max(len(h), *(len(c[i]) for c in cells)) for i, h in enumerate(heads)]
-
-    def line(values: list[str]) -> str:
-        return "  ".join(v.rjust(w) if right else v.ljust(w)
-                         for v, w, (_, _, right) in zip(values, widths, _TABLE)).rstrip()
-
-    out = [line(heads), line(["-" * w for w in widths]), *(line(c) for c in cells)]
-    if any(c[6].endswith("(!)") for c in cells):
-        out.append("(!) consistency differs from the scenario's expectation")
+    style = _Style()
+    out = _render(rows, style, width)
+    for _, step in FIT_STEPS:
+        if out is not None:
+            break
+        step(style)
+        out = _render(rows, style, width)
+    if out is None:                    # narrower than the id and status: cut lines
+        out = [cut(line, width) for line in _render(rows, style, None) or []]
+    notes = []
+    if any(_unexpected(r) for r in rows):
+        notes.append("(!) consistency differs from the scenario's expectation")
     for r in rows:
         for name, problem in (r.get("unreadable") or {}).items():
-            out.append(f"(?) {r.get('run_id')}: {name} unreadable: {problem}")
+            notes.append(f"(?) {r.get('run_id')}: {name} unreadable: {problem}")
+    for note in notes:                 # wrapped, not cut: the note is the explanation
+        out += textwrap.wrap(note, width, subsequent_indent="    ") if width else [note]
     return "\n".join(out)
+
+
+# -- one run in full ------------------------------------------------------------
+
+SERIAL_TAIL_LINES = 30
+_CONTROL = re.compile(r"\x1b\[[0-?]*[ -/]*[@-~]|\x1b[@-_]|[\x00-\x08\x0b-\x1f\x7f]")
+
+
+def _printable(line: str) -> str:
+    """A console line without escape sequences or control characters, which
+    would redraw the reader's terminal."""
+    return _CONTROL.sub("", line)
+
+
+def verdict(run: Mapping[str, Any]) -> str:
+    """The run's status and its consistency verdict against the scenario's
+    expectation, in one line."""
+    status = str(run.get("status") or "-")
+    if status not in (Status.OK, Status.INCONSISTENT):
+        return f"{status}: no verdict (the run did not finish)"
+    c, e = run.get("consistent"), run.get("expect_consistent")
+    if c is None:
+        return f"{status} (no consistency verdict in the summary: verification off?)"
+    if e is None:
+        return f"{status} (the scenario expects no particular verdict)"
+    if bool(c) == bool(e):
+        return f"{status}, as the scenario expects"
+    return (f"{status} (!): on a correct kernel the scenario expects "
+            f"{'a consistent' if e else 'an inconsistent'} snapshot")
+
+
+def _measures(parts: Iterable[tuple[str, Any, str]]) -> str:
+    """'label value unit' for the values that are present, comma separated."""
+    return ", ".join(f"{label} {format_number(v, grouped=True)}{unit}".strip()
+                     for label, v, unit in parts if _num(v) is not None)
+
+
+def _metric_lines(run: Mapping[str, Any]) -> list[tuple[str, str]]:
+    g = run.get
+    out = []
+    snap = _measures([("", g("snapshot_ms"), " ms"), ("copy", g("copy_ms"), " ms"),
+                      ("pause", g("pause_ms"), " ms"),
+                      ("throughput", g("throughput_mb_s"), " MB/s")])
+    if snap:
+        size = _measures([("", g("pages"), " pages"), ("", g("bytes"), " bytes")])
+        out.append(("snapshot", snap + (f" ({size})" if size else "")))
+    if _num(g("faults_total")) is not None:
+        per = " ".join(str(n) for n in g("faults_per_process") or [])
+        out.append(("faults", format_number(g("faults_total"), grouped=True)
+                    + (f" (per writer process: {per})" if per else "")))
+    lat = _measures([(label, g(f"lat_{k}_us"), " us") for k, label in (
+        ("p50", "p50"), ("p90", "p90"), ("p99", "p99"), ("p999", "p99.9"), ("max", "max"),
+        ("mean", "mean"))])
+    if lat:
+        out.append(("latency", lat))
+    stall = _measures([("max", g("stall_max_ms"), " ms"), ("total", g("stall_total_ms"), " ms"),
+                       ("ops/s before", g("ops_before"), ""),
+                       ("during", g("ops_during"), "")])
+    if stall:
+        out.append(("writer stall", stall))
+    if g("pages_populated"):
+        out.append(("populated", _measures([("", g("pages_populated"), " pages"),
+                                            ("in", g("populate_ms"), " ms")])))
+    mem = _measures([("rss", g("rss_kb_delta"), " kB"), ("page tables", g("vmpte_kb_delta"),
+                                                         " kB")])
+    if mem:
+        out.append(("memory delta", mem))
+    if _num(g("mismatched_pages")) is not None:
+        causes = ", ".join(f"{c} {format_number(n, grouped=True)}"
+                           for c, n in (g("mismatches_by_cause") or {}).items())
+        out.append(("mismatched", f"{format_number(g('mismatched_pages'), grouped=True)} "
+                    f"pages" + (f" ({causes})" if causes else "")))
+    return out
+
+
+def _tail(text: str, n: int) -> tuple[list[str], int]:
+    lines = text.splitlines()
+    return [_printable(x) for x in lines[-n:]], len(lines)
+
+
+def format_run(run: Mapping[str, Any], notebook: str | os.PathLike | None = None,
+               serial_lines: int = SERIAL_TAIL_LINES) -> str:
+    """One run for people (a dict of ResultsDB.get()): what ran where, its
+    verdict and error, the main metrics, where its notebook is (`notebook`,
+    None: unknown), and the tails of its stderr and serial console."""
+    g = run.get
+    rid = g("run_id")
+    out = [f"run {rid}: {_scenario_cell(run, _Style())} on {g('vm') or '-'}"]
+
+    def item(label: str, text: Any) -> None:
+        lines = str(text).splitlines() or [""]
+        out.append(f"  {label:<13}{lines[0]}".rstrip())
+        out.extend(f"  {'':<13}{x}".rstrip() for x in lines[1:])
+
+    item("status", verdict(run))
+    if g("error"):
+        item("error", g("error"))
+    took = f", took {format_number(g('duration_s'))} s" if _num(g("duration_s")) else ""
+    exit_code = g("exit_code")
+    item("started", f"{_local_time(g('started'))} (local time){took}, exit code "
+         f"{'-' if exit_code is None else exit_code}")
+    item("kernel", f"{g('kernel') or '-'} ({g('accel') or '-'})")
+    item("image", f"{g('image') or '-'} (recipe {g('image_key') or '-'}), guest tools "
+         f"{g('tools_version') or '-'}, lab {g('lab') or '-'}")
+    params = g("params") or {}
+    item("params", " ".join(f"{k}={v}" for k, v in params.items()) or "(defaults)")
+    item("command", g("command") or "-")
+    item("notebook", notebook if notebook is not None else
+         "unknown (no sweep index or demo result next to the database names this run)")
+    metrics = _metric_lines(run)
+    for label, text in metrics:
+        item(label, text)
+    if not metrics:
+        item("metrics", "none (no summary record)")
+    for name, problem in (g("unreadable") or {}).items():
+        item("(?)", f"{name} unreadable: {problem}")
+    stderr = g("stderr") or ""
+    if stderr.strip():
+        lines, total = _tail(stderr, 10)
+        out.append(f"  stderr (last {len(lines)} of {total} lines):")
+        out.extend(f"    | {x}".rstrip() for x in lines)
+    serial = g("serial_log")
+    if serial is None:
+        out.append("  serial console: not kept (the lab keeps it for runs that did not "
+                   "finish)")
+    elif not serial.strip():
+        out.append("  serial console: empty")
+    else:
+        lines, total = _tail(serial, serial_lines)
+        out.append(f"  serial console (last {len(lines)} of {total} lines kept):")
+        out.extend(f"    | {x}".rstrip() for x in lines)
+    return "\n".join(out)
+
+
+def find_notebook(db_path: str | os.PathLike, run_id: str) -> Path | None:
+    """The executed notebook that stored `run_id`, when a record next to the
+    database names it: a sweep's `sweeps/*/index.json` or a `uffdlab demo`
+    result, `notebooks/*.result.json`. None when none does (`uffdlab run`, a
+    notebook of one's own). Unreadable records are skipped."""
+    root = Path(db_path).expanduser().parent
+
+    def read(path: Path) -> Any:
+        try:
+            return json.loads(path.read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            return None
+
+    for index in sorted(root.glob("sweeps/*/index.json")):
+        doc = read(index)
+        points = doc.get("points") if isinstance(doc, dict) else None
+        for point in points if isinstance(points, list) else []:
+            if isinstance(point, dict) and point.get("run_id") == run_id \
+                    and isinstance(point.get("notebook"), str):
+                return index.parent / point["notebook"]
+    suffix = ".result.json"
+    for result in sorted(root.glob(f"notebooks/*{suffix}")):
+        doc = read(result)
+        if isinstance(doc, dict) and doc.get("run_id") == run_id:
+            return result.with_name(result.name[:-len(suffix)] + ".ipynb")
+    return None

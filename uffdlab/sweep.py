@@ -48,6 +48,7 @@ from .config import (
     short,
 )
 from .events import Emitter, Listener
+from .jupyter import KERNEL_NAME
 from .model import Kind, RunResult, Status
 from .paths import NOTEBOOKS
 
@@ -57,7 +58,7 @@ if TYPE_CHECKING:
 
 POINT_NOTEBOOK = "10-snapshot.ipynb"
 SWEEP_NOTEBOOK = "20-sweep.ipynb"
-KERNEL = "python3"
+KERNEL = KERNEL_NAME                # "uffdlab", the kernel the notebooks name
 INDEX_FILE = "index.json"
 MAX_POINTS = 10_000
 
@@ -100,7 +101,7 @@ def _parameters(info: ValidationInfo) -> dict[str, Any] | None:
 
 
 # Point-notebook parameters run_sweep fills in for every point.
-SET_BY_SWEEP = ("lab_path", "sweep_id", "teardown", "result_path", "fresh")
+SET_BY_SWEEP = ("lab_path", "sweep_id", "teardown", "result_path", "fresh", "vm_name")
 
 
 def _parameter_key(section: str) -> Any:
@@ -398,6 +399,7 @@ def run_sweep(lab: Lab, grid: Grid, listener: Listener | None = None,
     out.mkdir(parents=True, exist_ok=True)
     index = SweepIndex(sweep_id=sweep_id, lab=str(lab.source), notebook=grid.notebook,
                        fixed=grid.fixed, grid=grid.grid, directory=out)
+    defaults = notebook_parameters(NOTEBOOKS / grid.notebook)
     ev.emit(Kind.PROGRESS, f"0/{len(points)} points", done=0, total=len(points))
     for i, point in enumerate(points):
         nb_out, result_file = out / f"point-{i:03d}.ipynb", out / f"point-{i:03d}.result.json"
@@ -405,7 +407,8 @@ def run_sweep(lab: Lab, grid: Grid, listener: Listener | None = None,
                   "lab_path": str(lab.source.resolve()), "sweep_id": sweep_id,
                   "teardown": False, "result_path": str(result_file), "fresh": grid.fresh}
         t0 = time.monotonic()
-        outcome = _execute_point(NOTEBOOKS / grid.notebook, nb_out, params, result_file)
+        outcome = _run_point(lab, grid, NOTEBOOKS / grid.notebook, nb_out, params,
+                             {**defaults, **params}, result_file, ev)
         entry = SweepPoint(index=i, params=point, notebook=nb_out.name, status=outcome.status,
                            run_id=outcome.run_id, error=outcome.error,
                            seconds=round(time.monotonic() - t0, 1))
@@ -416,6 +419,52 @@ def run_sweep(lab: Lab, grid: Grid, listener: Listener | None = None,
     if grid.teardown and not grid.fresh:          # fresh points stop their own VMs
         _teardown(lab, grid, points, ev)
     return SweepResult(index, _render_report(out, lab, ev))
+
+
+def _run_point(lab: Lab, grid: Grid, notebook: Path, nb_out: Path, params: dict[str, Any],
+               resolved: dict[str, Any], result_file: Path, ev: Emitter) -> PointResult:
+    """Bring up and provision the point's VM here, where the sweep's listener
+    shows the boot and the Ansible tasks (inside the notebook they are only
+    papermill's silence), then execute the notebook on that VM (`vm_name`).
+    A fresh VM is stopped afterwards, whatever the notebook did."""
+    vm = None
+    try:
+        if {"vm_name", "image", "vm_memory", "vm_cpus"} <= set(resolved):
+            try:
+                vm = _point_vm(lab, resolved, grid.fresh, ev.listener)
+            except Exception as e:     # the notebook would only fail the same way, later
+                ev.emit(Kind.FAILED, f"the point's VM did not come up: {_first_line(e)}")
+                return PointResult(None, Status.FAILED, None,
+                                   f"the point's VM did not come up: {_first_line(e)}")
+            params = {**params, "vm_name": vm.name}
+        return _execute_point(notebook, nb_out, params, result_file)
+    finally:
+        if vm is not None and grid.fresh:
+            try:
+                vm.down()             # False when the notebook already stopped it
+            except Exception as e:
+                ev.emit(Kind.FAILED, f"stopping {vm.name}: {_first_line(e)}")
+
+
+def _point_vm(lab: Lab, p: dict[str, Any], fresh: bool, listener: Listener | None):
+    """The VM a point asks for by shape, booted (or restored) and provisioned:
+    with `fresh`, a new one of its own; else the shape's shared VM (a no-op
+    when it is up and provisioned). A fresh VM that booted but failed to
+    provision is stopped here: the caller never gets it."""
+    # what api.ready does, without importing api (it imports this module)
+    from .provision import ensure_provisioned
+    from .vm import VM
+    vm = VM.for_shape(lab, p["image"], p["vm_memory"], int(p["vm_cpus"]),
+                      listener=listener, fresh=fresh)
+    try:
+        vm.up(reuse=True)
+        ensure_provisioned(vm)
+    except BaseException:
+        if fresh:
+            vm.down()
+        raise
+    vm.drop_session()                 # the notebook opens its own connections
+    return vm
 
 
 def _execute_point(notebook: Path, nb_out: Path, params: dict[str, Any],

@@ -44,6 +44,8 @@ from .template import TEMPLATE_VERSION, Template, file_digest, key_of
 from .tools import tools_digest
 
 PANIC_MARKER = "Kernel panic - not syncing"
+# Seconds between HEARTBEAT events while a VM boots or restores.
+HEARTBEAT_SECONDS = 2.0
 
 
 class VMError(Exception):
@@ -317,7 +319,11 @@ class VM(Emitter):
         """Until QEMU has loaded the saved state, then let the guest run: it
         was saved paused, so it wakes paused."""
         deadline = time.monotonic() + self.spec.boot_timeout
+        self._restoring = st                 # _wait_for_ssh of this boot says "restoring"
+        beat = _Heartbeat(self, "restoring", st.started)
         while True:
+            if beat.due():
+                beat(_tail(self.serial_log, 20))
             if keeper.poll() is not None or not st.qemu_id.alive():
                 raise VMError(f"QEMU exited while loading the saved state:\n"
                               f"{_tail(self.dir / 'qemu.log', 10)}")
@@ -440,8 +446,13 @@ class VM(Emitter):
 
     def _wait_for_ssh(self, st: VMState, keeper: subprocess.Popen) -> None:
         deadline = time.monotonic() + self.spec.boot_timeout
+        restoring = getattr(self, "_restoring", None) is st
+        beat = _Heartbeat(self, "restoring" if restoring else "booting", st.started)
         while True:
-            panic = _panic_line(_tail(self.serial_log, 200))
+            serial = _tail(self.serial_log, 200)
+            if beat.due():
+                beat(serial)
+            panic = _panic_line(serial)
             if panic:
                 raise VMError(f"the guest kernel panicked: {panic}\nlast serial lines:\n"
                               f"{self.serial_tail()}")
@@ -551,6 +562,52 @@ class _PortTaken(Exception):
 
 class _RestoreFailed(VMError):
     """A template did not restore: the caller boots cold instead."""
+
+
+class _Heartbeat:
+    """HEARTBEAT for a waiting loop every HEARTBEAT_SECONDS, with the
+    console's latest line, so a slow boot (30-120 s under TCG) visibly moves.
+    The loop asks due() first: reading the console for every poll is not free."""
+
+    def __init__(self, vm: VM, step: str, started: float):
+        self.vm, self.step, self.started = vm, step, started
+        self.last = time.monotonic()         # the BOOTING event just said we started
+
+    def due(self) -> bool:
+        return time.monotonic() - self.last >= HEARTBEAT_SECONDS
+
+    def __call__(self, serial: str) -> None:
+        self.last = time.monotonic()
+        line = last_console_line(serial)
+        elapsed = round(time.time() - self.started, 1)
+        self.vm.emit(Kind.HEARTBEAT, f"{self.step} for {elapsed:.0f} s"
+                     + (f": {line}" if line else ""),
+                     step=self.step, elapsed=elapsed, line=line)
+
+
+# CSI (colours, cursor moves), OSC (titles) and the other two-byte escapes
+_ANSI_RE = re.compile(r"\x1b\[[0-?]*[ -/]*[@-~]|\x1b\][^\x07\x1b]*(?:\x07|\x1b\\)?"
+                      r"|\x1b[@-Z\\-_]")
+_CONTROL_RE = re.compile(r"[\x00-\x08\x0b-\x1f\x7f]")
+
+
+def clean_console_line(text: str, width: int = 100) -> str:
+    """A console line as a reader sees it: escape sequences removed, only what
+    the last carriage return left (systemd redraws its status line with CR),
+    no other control characters, cut to `width` characters."""
+    text = _ANSI_RE.sub("", text)
+    parts = [p for p in text.split("\r") if p.strip()]
+    text = _CONTROL_RE.sub("", (parts[-1] if parts else "").replace("\t", " ")).strip()
+    return text if len(text) <= width else text[:width - 1] + "\u2026"
+
+
+def last_console_line(serial: str, width: int = 100) -> str:
+    """The last line of console text that is not empty once cleaned."""
+    for raw in reversed(serial.split("\n")):
+        line = clean_console_line(raw, width)
+        if line:
+            return line
+    return ""
 
 
 def _panic_line(serial: str) -> str | None:

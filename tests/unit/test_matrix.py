@@ -271,4 +271,4 @@ def test_notebook_30_is_stored_clean():
     names = {t.id for t in ast.walk(ast.parse("".join(tagged[0]["source"])))
              if isinstance(t, ast.Name)}
     assert {"lab_path", "images", "size", "duration", "teardown"} <= names
-    assert nb["metadata"]["kernelspec"]["name"] == "python3"
+    assert nb["metadata"]["kernelspec"]["name"] == "uffdlab"

@@ -9,6 +9,7 @@ import json
 import os
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import papermill
 import pytest
@@ -183,7 +184,8 @@ def test_grid_loads_and_counts_without_expanding(tmp_path):
     ("grid:\n  writers: [1]\n  size: []\n", "3: grid.size: expected a non-empty list, got []"),
     ("fixed:\n  result_path: /tmp/x\ngrid:\n  writers: [1]\n",
      "2: fixed.result_path: expected a parameter the sweep does not set itself (it sets "
-     "lab_path, sweep_id, teardown, result_path, fresh for every point), got 'result_path'"),
+     "lab_path, sweep_id, teardown, result_path, fresh, vm_name for every point), "
+     "got 'result_path'"),
     ("grid:\n  writers: 4\n", "2: grid.writers: expected a non-empty list, got 4"),
     ("fixed:\n  image: trixie\n  sizes: 32M\ngrid:\n  writers: [1]\n",
      "3: fixed.sizes: expected a parameter of 10-snapshot.ipynb (backing, duration, "),
@@ -251,8 +253,11 @@ class FakeNotebook:
 
 @pytest.fixture
 def fake_papermill(monkeypatch):
+    """papermill and the point's VM faked: no notebook kernel, no QEMU."""
     fake = FakeNotebook()
     monkeypatch.setattr(papermill, "execute_notebook", fake)
+    monkeypatch.setattr(sweep, "_point_vm", lambda lab, p, fresh, listener: SimpleNamespace(
+        name="nb-fake", drop_session=lambda: None, down=lambda: False))
     return fake
 
 

@@ -58,20 +58,34 @@ def cmd_demo(args) -> int:
 
 
 def cmd_lab(args) -> int:
-    """JupyterLab on notebooks/ with the project's kernel registered."""
+    """JupyterLab on notebooks/ with the project's kernel registered, and a
+    URL that works as printed (our token, no silent move to another port)."""
+    import getpass
     import os
-    import subprocess
+    import secrets
 
+    from ..jupyter import ensure_kernel, lab_instructions
     from ..sweep import NOTEBOOKS
-    subprocess.run([sys.executable, "-m", "ipykernel", "install", "--sys-prefix", "--name",
-                    "uffdlab", "--display-name", "uffd-lab (venv)"], check=True,
-                   capture_output=True)
-    argv = [sys.executable, "-m", "jupyter", "lab", "--no-browser", f"--ip={args.ip}",
-            f"--port={args.port}", f"--notebook-dir={NOTEBOOKS}"]
+    ensure_kernel()
+    token = secrets.token_hex(24)
+    argv = [sys.executable, "-m", "jupyterlab", "--no-browser", f"--ip={args.ip}",
+            f"--port={args.port}", "--ServerApp.port_retries=0",
+            f"--ServerApp.root_dir={NOTEBOOKS}"]
     if os.geteuid() == 0:
         argv.append("--allow-root")
-    print("starting JupyterLab; open the URL it prints (http://...?token=...)", file=sys.stderr)
-    os.execv(sys.executable, argv)
+    # The token goes by environment (IdentityProvider.token's default), not by
+    # argv, where every local user could read it with ps.
+    env = {**os.environ, "JUPYTER_TOKEN": token}
+    print(lab_instructions(args.ip, args.port, token, os.environ.get("SSH_CONNECTION"),
+                           getpass.getuser()), flush=True)
+    os.execve(sys.executable, argv, env)
+
+
+def cmd_jupyter_install(args) -> int:
+    from ..jupyter import KERNEL_DISPLAY_NAME, KERNEL_NAME, install_kernel
+    dest = install_kernel(user=args.user)
+    print(f"kernel {KERNEL_NAME} ({KERNEL_DISPLAY_NAME!r}) installed in {dest}")
+    return EXIT_OK
 
 
 def register(sub) -> None:
@@ -85,7 +99,16 @@ def register(sub) -> None:
     d.add_argument("--verbose", action="store_true", help="show the notebook's output")
     d.set_defaults(func=cmd_demo)
 
+    from ..jupyter import port_number
     j = sub.add_parser("lab", help="start JupyterLab on notebooks/")
     j.add_argument("--ip", default="127.0.0.1")
-    j.add_argument("--port", type=int, default=8888)
+    j.add_argument("--port", type=port_number, default=8888, help="1-65535 (default 8888)")
     j.set_defaults(func=cmd_lab)
+
+    jup = sub.add_parser("jupyter", help="the project's Jupyter kernel")
+    jsub = jup.add_subparsers(dest="jupyter_command", required=True, metavar="ACTION")
+    ji = jsub.add_parser("install", help="register the kernel 'uffdlab' (this venv's Python)")
+    ji.add_argument("--user", action="store_true",
+                    help="for the user, so their own JupyterLab or VS Code sees it "
+                    "(default: in this venv only)")
+    ji.set_defaults(func=cmd_jupyter_install)

@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 
-from .common import EXIT_CONFIG, EXIT_FAIL, EXIT_OK, Renderer, lab_of, table
+from .common import EXIT_CONFIG, EXIT_FAIL, EXIT_OK, EXIT_UNEXPECTED, Renderer, lab_of, table
 
 
 def parse_params(pairs: list[str]) -> dict[str, str]:
@@ -65,7 +66,14 @@ def cmd_run(args) -> int:
               f"{s.get('mismatched_pages')} {s.get('mismatches_by_cause') or ''}")
     if res.error:
         print(f"  error: {res.error}", file=sys.stderr)
-    return EXIT_OK if res.status.ran else EXIT_FAIL
+    if not res.status.ran:
+        return EXIT_FAIL
+    if res.as_expected is False:
+        print(f"  verdict differs from the scenario's expectation "
+              f"({'consistent' if res.expect_consistent else 'inconsistent'} on a correct "
+              f"kernel)", file=sys.stderr)
+        return EXIT_UNEXPECTED
+    return EXIT_OK
 
 
 def _last_arg(text: str) -> int:
@@ -80,6 +88,62 @@ def _last_arg(text: str) -> int:
         raise argparse.ArgumentTypeError(f"expected a number of runs from 1 to {INT64_MAX}, "
                                          f"got {text!r}")
     return n
+
+
+def _status_arg(text: str) -> str:
+    """--status: one of the stored statuses, any case."""
+    from ..model import Status
+    value = text.strip().lower()
+    if value not in {str(s) for s in Status}:
+        raise argparse.ArgumentTypeError(f"expected one of {', '.join(Status)}, got {text!r}")
+    return value
+
+
+def _vm_arg(text: str) -> str:
+    if not text.strip():
+        raise argparse.ArgumentTypeError(f"expected a VM name (as in lab.yml), got {text!r}")
+    return text.strip()
+
+
+def _scenario_arg(text: str) -> str:
+    if not text.strip():
+        raise argparse.ArgumentTypeError(f"expected a scenario id or name (S3, multi-writer), "
+                                         f"got {text!r}")
+    return text.strip()
+
+
+def _kernel_arg(text: str) -> str:
+    value = text.strip()
+    if not value or any(c.isspace() for c in value):
+        raise argparse.ArgumentTypeError(
+            f"expected a kernel release, or its start up to a '.', '-' or '+' (6.1 matches "
+            f"6.1.0-37-amd64, not 6.12.38), got {text!r}")
+    return value
+
+
+_AGE_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 7 * 86400}
+_SINCE_EXPECTED = ("expected an ISO date or date and time (2026-11-30, 2026-11-30T04:00; "
+                   "local time unless it ends in Z or +HH:MM) or an age (30m, 2h, 3d, 1w)")
+
+
+def _since_arg(text: str) -> float:
+    """--since: the Unix time from which runs are listed."""
+    import datetime
+    import re
+    import time
+    value = text.strip()
+    # At most 12 digits: any age the clock can hold, and int() never refuses it.
+    age = re.fullmatch(r"(\d{1,12})\s*([smhdw])", value.lower())
+    if age:
+        seconds = int(age[1]) * _AGE_UNITS[age[2]]
+        if seconds == 0:
+            raise argparse.ArgumentTypeError(f"{_SINCE_EXPECTED}; an age above zero, "
+                                             f"got {text!r}")
+        return max(time.time() - seconds, 0.0)
+    try:
+        return datetime.datetime.fromisoformat(value).timestamp()
+    except (ValueError, OverflowError, OSError):   # not ISO, or out of the clock's range
+        raise argparse.ArgumentTypeError(f"{_SINCE_EXPECTED}, got {text!r}") from None
 
 
 def _import_spooled(path) -> None:
@@ -99,7 +163,10 @@ def _import_spooled(path) -> None:
         print(f"uffdlab: spool: {problem}", file=sys.stderr)
 
 
-def cmd_results(args) -> int:
+def _query(path, read):
+    """read(db) on the results database at `path` (read-only, after importing
+    spooled runs): (its value, None), or (None, exit code) once the reason is
+    on stderr. A missing database raises NoResultsDatabaseError."""
     import sqlite3
 
     from ..results import (
@@ -107,34 +174,149 @@ def cmd_results(args) -> int:
         NotResultsDatabaseError,
         ResultsDB,
         ResultsError,
-        format_table,
+        RunNotFoundError,
         spooled_files,
     )
-    path = lab_of(args).results_path
     try:
         if spooled_files(path):
             _import_spooled(path)
         with ResultsDB(path, readonly=True) as db:
-            rows = db.runs(last=args.last, scenario=args.scenario)
-    except NoResultsDatabaseError as e:
-        print(e)
-        rows = None
-    except NotResultsDatabaseError as e:
+            return read(db), None
+    except NoResultsDatabaseError:
+        raise
+    except (NotResultsDatabaseError, RunNotFoundError) as e:   # the user's input to change
         print(f"uffdlab: {e}", file=sys.stderr)
-        return EXIT_CONFIG
+        return None, EXIT_CONFIG
     except ResultsError as e:
         print(f"uffdlab: {e}", file=sys.stderr)
-        return EXIT_FAIL
+        return None, EXIT_FAIL
     except sqlite3.Error as e:         # a damaged file: name it
         print(f"uffdlab: {path}: cannot read the results database: {e}", file=sys.stderr)
-        return EXIT_FAIL
+        return None, EXIT_FAIL
+
+
+def _table_width() -> int:
+    """The terminal's width; COLUMNS wins, and output that is not a terminal
+    (a pipe, a file) gets 100 columns."""
+    import os
+    import shutil
+    columns = os.environ.get("COLUMNS", "").strip()
+    if columns.isdigit() and int(columns) > 0:
+        return int(columns)
+    if sys.stdout.isatty():
+        return shutil.get_terminal_size((100, 24)).columns
+    return 100
+
+
+# The listing's filters, by flag: they select runs, so `results show` refuses them.
+_FILTERS = {"--last": "last", "--scenario": "scenario", "--status": "status", "--vm": "vm",
+            "--kernel": "kernel", "--since": "since"}
+
+
+def _emit(text: str) -> None:
+    """Print to stdout; a reader that stopped reading (| head) is no error."""
+    import os
+    try:
+        print(text, flush=True)
+    except BrokenPipeError:
+        # Else Python's final flush of stdout fails again, noisily, at exit.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+
+
+def _csv_value(v):
+    if v is None:
+        return ""
+    if isinstance(v, bool):
+        return "true" if v else "false"
+    if isinstance(v, (dict, list)):    # params, unreadable: one JSON cell
+        return json.dumps(v, separators=(",", ":"), default=str)
+    return v
+
+
+def _print_runs(rows: list[dict], fmt: str) -> None:
+    """Runs as a JSON array or CSV (header + rows) on stdout, for scripts."""
+    import csv
+    import io
+
+    from ..results import LIST_FIELDS
+    if fmt == "json":
+        _emit(json.dumps(rows, indent=2, default=str))
+        return
+    fields = [*LIST_FIELDS, "unreadable"]
+    text = io.StringIO()
+    out = csv.writer(text, lineterminator="\n")
+    out.writerow(fields)
+    for r in rows:
+        out.writerow([_csv_value(r.get(f)) for f in fields])
+    _emit(text.getvalue().rstrip("\n"))
+
+
+def _list_runs(args) -> int:
+    from ..results import NoResultsDatabaseError, format_table, spooled_files
+    path = lab_of(args).results_path
+    fmt = "json" if args.json else "csv" if args.csv else None
+    filters = {key: getattr(args, key) for key in _FILTERS.values()}
+    try:
+        rows, code = _query(path, lambda db: db.runs(**filters))
+    except NoResultsDatabaseError as e:
+        if fmt:                        # scripts still get a valid, empty document
+            _print_runs([], fmt)
+        print(e, file=sys.stderr if fmt else sys.stdout)
+        rows, code = None, None
+    if code is not None:
+        return code
     if rows is not None:
-        print(format_table(rows) if rows else f"no runs in {path}")
+        if fmt:
+            _print_runs(rows, fmt)
+        elif rows:
+            _emit(format_table(rows, width=_table_width()))
+        else:
+            some = any(v is not None for v in filters.values())
+            print(f"no runs in {path}" + (" match these filters" if some else ""))
     waiting = spooled_files(path)
     if waiting:
         print(f"{len(waiting)} spooled run(s) in {waiting[0].parent} are not in the "
               f"database yet (not listed)", file=sys.stderr)
     return EXIT_OK
+
+
+def _show_run(args) -> int:
+    from ..results import NoResultsDatabaseError, find_notebook, format_run
+    if args.action != "show":
+        print(f"uffdlab: results: expected `show RUN` or no argument, got {args.action!r}",
+              file=sys.stderr)
+        return EXIT_CONFIG
+    if not args.run or not args.run.strip():
+        print(f"uffdlab: results show: expected a run id or a unique prefix of one (as "
+              f"listed by `uffdlab results`), got {args.run or ''!r}", file=sys.stderr)
+        return EXIT_CONFIG
+    given = [flag for flag, key in _FILTERS.items() if getattr(args, key) is not None]
+    if args.csv:
+        given.append("--csv")
+    if given:
+        print(f"uffdlab: results show: {', '.join(given)} "
+              f"{'is' if len(given) == 1 else 'are'} for the listing; show takes one RUN "
+              f"and --json", file=sys.stderr)
+        return EXIT_CONFIG
+    path = lab_of(args).results_path
+    try:
+        run, code = _query(path, lambda db: db.get(args.run.strip()))
+    except NoResultsDatabaseError as e:
+        print(f"uffdlab: {e}; no run {args.run!r}", file=sys.stderr)
+        return EXIT_CONFIG
+    if code is not None:
+        return code
+    notebook = find_notebook(path, run["run_id"])
+    if args.json:                      # everything stored, for scripts
+        _emit(json.dumps({**run, "notebook": None if notebook is None else str(notebook)},
+                         indent=2, default=str))
+    else:
+        _emit(format_run(run, notebook))
+    return EXIT_OK
+
+
+def cmd_results(args) -> int:
+    return _list_runs(args) if args.action is None else _show_run(args)
 
 
 def register(sub) -> None:
@@ -151,7 +333,22 @@ def register(sub) -> None:
     r.add_argument("--list", action="store_true", help="print the catalogue")
     r.set_defaults(func=cmd_run)
 
-    q = sub.add_parser("results", help="stored runs")
+    q = sub.add_parser("results", help="stored runs: a table, or one run in full (show RUN)")
+    q.add_argument("action", nargs="?", metavar="show", help="show one run in full")
+    q.add_argument("run", nargs="?", metavar="RUN", help="a run id, or a unique prefix of one")
     q.add_argument("--last", type=_last_arg, metavar="N", help="only the newest N runs")
-    q.add_argument("--scenario", metavar="S")
+    q.add_argument("--scenario", type=_scenario_arg, metavar="S",
+                   help="a scenario id or name (S3, multi-writer)")
+    q.add_argument("--status", type=_status_arg, metavar="STATUS",
+                   help="ok, inconsistent, failed or timeout")
+    q.add_argument("--vm", type=_vm_arg, metavar="NAME")
+    q.add_argument("--kernel", type=_kernel_arg, metavar="RELEASE",
+                   help="a release or its start: 6.1 matches 6.1.0-37-amd64, not 6.12.38")
+    q.add_argument("--since", type=_since_arg, metavar="WHEN",
+                   help="runs started since WHEN: 2026-11-30, 2026-11-30T04:00 (local "
+                   "time), or an age: 30m, 2h, 3d, 1w")
+    out = q.add_mutually_exclusive_group()
+    out.add_argument("--json", action="store_true",
+                     help="a JSON array of the runs (with show: everything stored)")
+    out.add_argument("--csv", action="store_true", help="CSV: a header, then one run a row")
     q.set_defaults(func=cmd_results)

@@ -11,7 +11,7 @@ from collections.abc import Iterable, Mapping
 from typing import TYPE_CHECKING, Any
 
 from .. import scenarios
-from ..results import METRICS, format_number
+from ..results import _INTEGER_METRICS, METRICS, format_number
 from .runs import RunView, as_run, as_runs
 
 if TYPE_CHECKING:
@@ -245,8 +245,29 @@ def runs_table(runs: pd.DataFrame, columns: Iterable[str] | None = None) -> pd.D
         ["run_id", "scenario", *params, "status", "snapshot_ms", "pause_ms", "stall_max_ms",
          "lat_p99_us", "faults_total", "mismatched_pages"])
     out = runs[[c for c in cols if c in runs.columns]].copy()
+    # A table to read, not to compute with: metrics as text with the decimals
+    # their size deserves (the DataFrame given keeps the numbers).
+    import pandas as pd
+
+    def missing(v: Any) -> bool:                 # None, NaN, and the NA of Int64 columns
+        return pd.api.types.is_scalar(v) and bool(pd.isna(v))
+
+    for c in out.columns:
+        if c in METRICS:
+            out[c] = [_metric_text(None if missing(v) else v, integer=c in _INTEGER_METRICS)
+                      for v in out[c]]
     out["verdict"] = [verdict(run) for run in as_runs(runs)]
     return out.reset_index(drop=True)
+
+
+def _metric_text(v: Any, integer: bool) -> str:
+    """A cell of a metric column: numpy scalars as Python numbers, whole
+    counts without decimals (a column with a gap holds them as floats)."""
+    if hasattr(v, "item"):
+        v = v.item()
+    if isinstance(v, float) and integer and v.is_integer():
+        v = int(v)
+    return format_value(v) if v is None or isinstance(v, (int, float)) else str(v)
 
 
 def verdicts_table(results: Iterable[Any]) -> pd.DataFrame:
