@@ -46,8 +46,8 @@ def cmd_demo(args) -> int:
                                            "image": spec.image,
                                            "teardown": not args.keep,
                                            "result_path": str(result_file)},
-                               kernel_name=KERNEL, progress_bar=True, cwd=str(NOTEBOOKS),
-                               log_output=args.verbose)
+                               kernel_name=KERNEL, progress_bar=sys.stderr.isatty(),
+                               cwd=str(NOTEBOOKS), log_output=args.verbose)
     try:
         print(PointResult.read(result_file))
     except (OSError, ValueError) as e:       # the notebook ended without writing it
