@@ -29,7 +29,9 @@ class Kind(StrEnum):
     BUILDING       image build step; `seconds` when done
     BOOTING        a VM starts: `accel`, `kernel`
     ACCEL          auto fell back to TCG: `accel`
-    SSH_READY      SSH answers: `port`, `seconds`
+    SSH_READY      SSH answers: `port`, `seconds`, `template` (its key, or None
+                   for a cold boot), `steps` (seconds spent starting, loading the
+                   saved state, reaching SSH, fixing clock and RNG)
     PROVISIONING   playbook started / finished: `changed`, `seconds` when done
     TASK           one Ansible task started or ended: `task`, `host` (may be empty
                    for a start), `state` (started, ok, changed, skipped, failed)

@@ -59,12 +59,22 @@ class Session:
             raise
 
     def run(self, command: str, timeout: float | None = None,
-            on_line: Callable[[str], None] | None = None, check: bool = False) -> CommandResult:
-        """Run a command; stream stdout lines to `on_line` as they arrive."""
+            on_line: Callable[[str], None] | None = None, check: bool = False,
+            reply: Callable[[str], str | None] | None = None) -> CommandResult:
+        """Run a command; stream stdout lines to `on_line` as they arrive.
+        `reply` answers a line the command prints with text sent to its
+        stdin (None: no answer), for values that must be fresh when read."""
         start = time.monotonic()
         chan = self.client.get_transport().open_session()
         try:
             chan.exec_command(command)
+            if reply is not None:
+                def on_line(line, _show=on_line):
+                    answer = reply(line)
+                    if answer is not None:
+                        chan.sendall(answer.encode())
+                    if _show:
+                        _show(line)
             out, err = self._collect(chan, timeout, on_line, command)
             status = chan.recv_exit_status()
         finally:

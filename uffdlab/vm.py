@@ -351,12 +351,17 @@ class VM(Emitter):
                   "os.write(fd, bytes.fromhex(sys.argv[1])); "
                   "fcntl.ioctl(fd, 0x5207)")     # RNDRESEEDCRNG: use it now, not in 60 s
         tools = self.lab.provision.tools_dir
-        cmd = (f"python3 -c {shlex.quote(reseed)} {os.urandom(64).hex()} && "
+        # One round trip: the guest asks for the host's time when it is ready to
+        # set it (so the value is only a one-way trip old), then reseeds, probes.
+        cmd = (f"echo {CLOCK_PROMPT}; read -r t && date -s @$t >/dev/null && "
+               f"python3 -c {shlex.quote(reseed)} {os.urandom(64).hex()} && "
                f"{shlex.quote(tools)}/bin/uffd-probe")
         try:
-            s = self.shared_session()
-            sync_clock(s)
-            probe = json.loads(s.run(cmd, timeout=60, check=True).stdout)
+            out = self.shared_session().run(
+                cmd, timeout=60, check=True,
+                reply=lambda line: f"{time.time() + EXEC_LATENCY:.3f}\n"
+                if line == CLOCK_PROMPT else None).stdout
+            probe = json.loads(out.split(CLOCK_PROMPT, 1)[1])
         except Exception as e:
             raise _RestoreFailed(f"the restored guest did not answer as provisioned: {e}") \
                 from e
@@ -416,14 +421,18 @@ class VM(Emitter):
                          started, img.host_pubkey, self.spec.memory, self.spec.cpus,
                          cmdline=cmd.cmdline, lab=str(self.lab.source.resolve()))
             st.save(self.state_file)
+            steps = {"start": time.time() - started}     # where a restore's seconds go
             try:
                 if tmpl is not None:
                     self._wait_for_load(st, keeper)
+                    steps["load"] = time.time() - started - sum(steps.values())
                 self._wait_for_ssh(st, keeper)
+                steps["ssh"] = time.time() - started - sum(steps.values())
                 st.ssh_ready = True
                 st.save(self.state_file)
                 if tmpl is not None:
                     self._after_restore(st, tmpl)
+                    steps["fixups"] = time.time() - started - sum(steps.values())
             except VMError as e:
                 if tmpl is not None:            # whatever broke, the template is suspect
                     raise _RestoreFailed(str(e).splitlines()[0]) from e
@@ -433,8 +442,10 @@ class VM(Emitter):
             keeper.stdin.write("detach\n")
             keeper.stdin.close()
             self.emit(Kind.SSH_READY, f"port {port} after {st.boot_seconds} s"
-                      + (" (restored)" if tmpl else ""), port=port, seconds=st.boot_seconds,
-                      template=tmpl.key if tmpl else None)
+                      + (" (restored: " + ", ".join(f"{k} {v:.1f} s" for k, v in steps.items())
+                         + ")" if tmpl else ""), port=port, seconds=st.boot_seconds,
+                      template=tmpl.key if tmpl else None,
+                      steps={k: round(v, 2) for k, v in steps.items()})
             return st
         except BaseException as e:
             if keeper is not None:
@@ -470,7 +481,10 @@ class VM(Emitter):
                               f"lines:\n{self.serial_tail()}")
             if port_open(st.ssh_port):
                 try:
-                    Session(st.ssh_port, st.host_pubkey, self.key_path, timeout=10).close()
+                    # the first good connection is kept: the next command needs one
+                    self.drop_session()
+                    self._shared = Session(st.ssh_port, st.host_pubkey, self.key_path,
+                                           timeout=10)
                     return
                 except (paramiko.SSHException, OSError, EOFError):
                     pass            # sshd is starting; keys are pinned, so no BadHostKey retry
@@ -628,7 +642,14 @@ def _tail(path: Path, n: int) -> str:
     return "\n".join(lines[-n:])
 
 
-def sync_clock(s: Session, tolerance: float = 0.2) -> float:
+# About one way of an SSH round trip to a TCG guest (a no-op exec takes
+# about 0.12 s there), and how far a guest clock may be from the host's.
+EXEC_LATENCY = 0.03
+CLOCK_TOLERANCE = 0.25
+CLOCK_PROMPT = "uffdlab-clock?"
+
+
+def sync_clock(s: Session, tolerance: float = CLOCK_TOLERANCE) -> float:
     """Set the guest's clock to the host's, allowing for the SSH latency
     (hundreds of ms under TCG); returns the offset left, in seconds."""
     offset = 0.0

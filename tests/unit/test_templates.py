@@ -130,3 +130,11 @@ def test_a_failed_save_leaves_no_template(tmp_path, monkeypatch):
     assert not t.exists and not t.dir.exists()
     assert [p.name for p in t.dir.parent.iterdir()] == [".k2.lock"]
     assert calls[-1] == "cont"                 # the VM runs on after a failed save
+
+
+def test_a_state_rewritten_after_its_check_is_checked_again(tmp_path):
+    t = fake_template(tmp_path)
+    assert t.problem(100.0) is None                 # checked once, remembered
+    data = t.state.read_bytes()
+    t.state.write_bytes(b"Y" * len(data))           # same size, rewritten in place
+    assert "does not match the checksum" in t.problem(100.0)
