@@ -20,6 +20,7 @@ import itertools
 import json
 import math
 import os
+import threading
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -425,18 +426,26 @@ def _run_point(lab: Lab, grid: Grid, notebook: Path, nb_out: Path, params: dict[
                resolved: dict[str, Any], result_file: Path, ev: Emitter) -> PointResult:
     """Bring up and provision the point's VM here, where the sweep's listener
     shows the boot and the Ansible tasks (inside the notebook they are only
-    papermill's silence), then execute the notebook on that VM (`vm_name`).
-    A fresh VM is stopped afterwards, whatever the notebook did."""
+    papermill's silence), while the notebook's kernel starts: the notebook
+    gets the VM by name (`vm_name`) and waits for it at its first use, so
+    nothing it measures runs beside the boot. A fresh VM is stopped
+    afterwards, whatever the notebook did."""
     vm = None
     try:
         if {"vm_name", "image", "vm_memory", "vm_cpus"} <= set(resolved):
-            try:
-                vm = _point_vm(lab, resolved, grid.fresh, ev.listener)
-            except Exception as e:     # the notebook would only fail the same way, later
-                ev.emit(Kind.FAILED, f"the point's VM did not come up: {_first_line(e)}")
-                return PointResult(None, Status.FAILED, None,
-                                   f"the point's VM did not come up: {_first_line(e)}")
+            vm = _point_vm(lab, resolved, grid.fresh, ev.listener)
             params = {**params, "vm_name": vm.name}
+            failed: list[BaseException] = []
+            bringing = threading.Thread(target=_bring_up, args=(vm, grid.fresh, failed),
+                                        daemon=True)
+            bringing.start()
+            result = _execute_point(notebook, nb_out, params, result_file)
+            bringing.join()
+            if failed and result.status == Status.FAILED:
+                why = f"the point's VM did not come up: {_first_line(failed[0])}"
+                ev.emit(Kind.FAILED, why)
+                return PointResult(None, Status.FAILED, None, why)
+            return result
         return _execute_point(notebook, nb_out, params, result_file)
     finally:
         if vm is not None and grid.fresh:
@@ -447,24 +456,24 @@ def _run_point(lab: Lab, grid: Grid, notebook: Path, nb_out: Path, params: dict[
 
 
 def _point_vm(lab: Lab, p: dict[str, Any], fresh: bool, listener: Listener | None):
-    """The VM a point asks for by shape, booted (or restored) and provisioned:
-    with `fresh`, a new one of its own; else the shape's shared VM (a no-op
-    when it is up and provisioned). A fresh VM that booted but failed to
-    provision is stopped here: the caller never gets it."""
-    # what api.ready does, without importing api (it imports this module)
-    from .provision import ensure_provisioned
+    """The VM a point asks for by shape: with `fresh`, a new one of its own;
+    else the shape's shared VM."""
     from .vm import VM
-    vm = VM.for_shape(lab, p["image"], p["vm_memory"], int(p["vm_cpus"]),
-                      listener=listener, fresh=fresh)
+    return VM.for_shape(lab, p["image"], p["vm_memory"], int(p["vm_cpus"]),
+                        listener=listener, fresh=fresh)
+
+
+def _bring_up(vm, fresh: bool, failed: list[BaseException]) -> None:
+    """Boot (or restore) and provision the point's VM: what api.ready does,
+    without importing api (it imports this module). Errors go to `failed`;
+    the notebook then tries itself and says why it could not."""
+    from .provision import ensure_provisioned
     try:
         vm.up(reuse=True)
         ensure_provisioned(vm)
-    except BaseException:
-        if fresh:
-            vm.down()
-        raise
-    vm.drop_session()                 # the notebook opens its own connections
-    return vm
+        vm.drop_session()             # the notebook opens its own connections
+    except BaseException as e:
+        failed.append(e)
 
 
 def _execute_point(notebook: Path, nb_out: Path, params: dict[str, Any],

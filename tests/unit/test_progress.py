@@ -290,9 +290,12 @@ class FakeVM:
     log: list[tuple] = []
     made = 0
     fail_up = False
+    by_name: dict = {}
 
     def __init__(self, name: str, fresh: bool):
         self.name, self.fresh, self.running = name, fresh, False
+        self.ready = threading.Event()          # booted and provisioned
+        FakeVM.by_name[name] = self
 
     @classmethod
     def for_shape(cls, lab, image, memory="1536M", cpus=2, name=None, listener=None,
@@ -323,15 +326,22 @@ class FakeVM:
 
 @pytest.fixture
 def fake_vms(monkeypatch):
-    FakeVM.log, FakeVM.made, FakeVM.fail_up = [], 0, False
+    FakeVM.log, FakeVM.made, FakeVM.fail_up, FakeVM.by_name = [], 0, False, {}
     monkeypatch.setattr(vm_mod, "VM", FakeVM)
-    monkeypatch.setattr(provision_mod, "ensure_provisioned",
-                        lambda vm: FakeVM.log.append(("provision", vm.name)))
+
+    def provisioned(vm):
+        FakeVM.log.append(("provision", vm.name))
+        vm.ready.set()
+    monkeypatch.setattr(provision_mod, "ensure_provisioned", provisioned)
 
     def notebook(input_path, output_path, parameters=None, **kw):
         Path(output_path).write_text("{}")
         if Path(input_path).name == sweep.SWEEP_NOTEBOOK:
             return
+        # like the real one: its first use of the VM waits until it is up
+        if not FakeVM.by_name[parameters["vm_name"]].ready.wait(2):
+            raise papermill.PapermillExecutionError(
+                3, 1, "VMError: no SSH", "VMError: no SSH", "VMError", ["no SSH"])
         FakeVM.log.append(("notebook", parameters["vm_name"], parameters["writers"]))
         if parameters["writers"] == 2:
             raise papermill.PapermillExecutionError(

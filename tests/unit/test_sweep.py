@@ -258,6 +258,7 @@ def fake_papermill(monkeypatch):
     monkeypatch.setattr(papermill, "execute_notebook", fake)
     monkeypatch.setattr(sweep, "_point_vm", lambda lab, p, fresh, listener: SimpleNamespace(
         name="nb-fake", drop_session=lambda: None, down=lambda: False))
+    monkeypatch.setattr(sweep, "_bring_up", lambda vm, fresh, failed: None)
     return fake
 
 
