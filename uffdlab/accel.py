@@ -9,6 +9,7 @@ The verdict is cached per host kernel and QEMU version.
 """
 from __future__ import annotations
 
+import functools
 import json
 import os
 import subprocess
@@ -31,7 +32,10 @@ class AccelChoice:
     unprobed: bool = False  # auto, but nothing was booted to decide (dry run)
 
 
+@functools.cache
 def qemu_version() -> str:
+    """QEMU's version line (asked once per process: it is part of every
+    template key and accel verdict, and a subprocess costs tens of ms)."""
     try:
         out = subprocess.run([QEMU, "--version"], capture_output=True, text=True,
                              timeout=10).stdout

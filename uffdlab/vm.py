@@ -488,7 +488,7 @@ class VM(Emitter):
                     return
                 except (paramiko.SSHException, OSError, EOFError):
                     pass            # sshd is starting; keys are pinned, so no BadHostKey retry
-            time.sleep(0.5)
+            time.sleep(0.1 if restoring else 0.5)     # a restored guest answers in ~1 s
 
     def _internal_error(self) -> bool:
         if (self.dir / "qmp.sock").exists():
