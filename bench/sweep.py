@@ -35,6 +35,14 @@ def log(msg: str) -> None:
     print(f"[bench] {msg}", file=sys.stderr, flush=True)
 
 
+T0 = time.monotonic()
+
+
+def listener(ev) -> None:
+    if ev.kind != "heartbeat":
+        log(f"{time.monotonic() - T0:7.2f} {ev}")
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--lab", default=str(REPO / "lab.yml"))
@@ -56,7 +64,7 @@ def main() -> int:
                  "teardown": False, "fresh": fresh})
             log(f"{args.points} points, fresh={fresh}")
             t = time.monotonic()
-            res = run_sweep(lab, grid, out_root=Path(tmp) / "sweeps")
+            res = run_sweep(lab, grid, listener, out_root=Path(tmp) / "sweeps")
             times[fresh] = time.monotonic() - t
             failed = [p for p in res.points if p.status not in ("ok", "inconsistent")]
             if failed:
