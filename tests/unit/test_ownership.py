@@ -22,24 +22,12 @@ from uffdlab.config import load_lab
 from uffdlab.owned import MARKER, NotOursError, ProcessId, make_vm_dir, remove_vm_dir, start_time
 from uffdlab.vm import VM, VMError, VMState, lab_vms_dir
 
-LAB = """\
-name: {name}
-accel: tcg
-cache_dir: {cache}
-images:
-  trixie:
-    suite: trixie
-vms:
-  guest:
-    image: trixie
-    memory: {memory}
-    cpus: 1
-"""
+from .labs import guest_lab
 
 
 def write_lab(path: Path, cache: Path, name: str = "a", memory: str = "512M") -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(LAB.format(name=name, cache=cache, memory=memory))
+    path.write_text(guest_lab(cache, name, memory))
     return path
 
 

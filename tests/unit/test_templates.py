@@ -14,27 +14,13 @@ from uffdlab.config import load_lab
 from uffdlab.template import MARKER, TEMPLATE_VERSION, Template, all_templates, file_digest
 from uffdlab.vm import VM
 
-LAB = """\
-accel: tcg
-cache_dir: {cache}
-images:
-  trixie:
-    suite: trixie
-vms:
-  guest:
-    image: trixie
-    memory: {memory}
-    cpus: {cpus}
-    cmdline: "{cmdline}"
-provision:
-  hugepages: {hugepages}
-"""
+from .labs import guest_lab
 
 
 def key_for(tmp_path: Path, memory="1536M", cpus=2, cmdline="", hugepages=0) -> str:
     path = tmp_path / "lab.yml"
-    path.write_text(LAB.format(cache=tmp_path / "cache", memory=memory, cpus=cpus,
-                               cmdline=cmdline, hugepages=hugepages))
+    path.write_text(guest_lab(tmp_path / "cache", memory=memory, cpus=cpus, cmdline=cmdline,
+                              hugepages=hugepages))
     tmpl, _ = VM(load_lab(path), "guest").template_for("tcg")
     return tmpl.key
 
