@@ -319,7 +319,6 @@ class VM(Emitter):
         """Until QEMU has loaded the saved state, then let the guest run: it
         was saved paused, so it wakes paused."""
         deadline = time.monotonic() + self.spec.boot_timeout
-        self._restoring = st                 # _wait_for_ssh of this boot says "restoring"
         beat = _Heartbeat(self, "restoring", st.started)
         while True:
             if beat.due():
@@ -426,7 +425,7 @@ class VM(Emitter):
                 if tmpl is not None:
                     self._wait_for_load(st, keeper)
                     steps["load"] = time.time() - started - sum(steps.values())
-                self._wait_for_ssh(st, keeper)
+                self._wait_for_ssh(st, keeper, restoring=tmpl is not None)
                 steps["ssh"] = time.time() - started - sum(steps.values())
                 st.ssh_ready = True
                 st.save(self.state_file)
@@ -448,6 +447,7 @@ class VM(Emitter):
                       steps={k: round(v, 2) for k, v in steps.items()})
             return st
         except BaseException as e:
+            self.drop_session()                 # a connection to a VM being stopped
             if keeper is not None:
                 self._stop_keeper(keeper)
             cleanup(self.dir)
@@ -455,9 +455,9 @@ class VM(Emitter):
                 self.emit(Kind.FAILED, str(e).splitlines()[0] if str(e) else type(e).__name__)
             raise
 
-    def _wait_for_ssh(self, st: VMState, keeper: subprocess.Popen) -> None:
+    def _wait_for_ssh(self, st: VMState, keeper: subprocess.Popen,
+                      restoring: bool = False) -> None:
         deadline = time.monotonic() + self.spec.boot_timeout
-        restoring = getattr(self, "_restoring", None) is st
         beat = _Heartbeat(self, "restoring" if restoring else "booting", st.started)
         while True:
             serial = _tail(self.serial_log, 200)
