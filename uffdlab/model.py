@@ -4,6 +4,7 @@ event, and a run's result. Light on purpose (stdlib only), so the database,
 the reports and the notebooks can import it without SSH or Ansible."""
 from __future__ import annotations
 
+import math
 from dataclasses import asdict, dataclass
 from enum import StrEnum
 from typing import Any
@@ -21,6 +22,40 @@ class Status(StrEnum):
     def ran(self) -> bool:
         """The run finished and was verified, whatever the verdict."""
         return self in (Status.OK, Status.INCONSISTENT)
+
+
+class Judgement(StrEnum):
+    """What a run says about the kernel, against what its scenario expects on
+    a correct one: the one decision every verdict text is written from."""
+
+    UNFINISHED = "unfinished"      # failed or timed out: nothing to judge
+    UNVERIFIED = "unverified"      # finished, but no consistency verdict
+    UNSPECIFIED = "unspecified"    # verified; the scenario expects nothing particular
+    EXPECTED = "expected"          # the verdict a correct kernel gives
+    UNEXPECTED = "unexpected"      # the other one: worth a look
+
+
+def judge(status: Any, consistent: bool | None, expect: bool | None) -> Judgement:
+    if str(status) not in (Status.OK, Status.INCONSISTENT):
+        return Judgement.UNFINISHED
+    if consistent is None:
+        return Judgement.UNVERIFIED
+    if expect is None:
+        return Judgement.UNSPECIFIED
+    return Judgement.EXPECTED if bool(consistent) == bool(expect) else Judgement.UNEXPECTED
+
+
+def format_number(v: Any, missing: str = "-", grouped: bool = False) -> str:
+    """A metric for people: whole numbers as they are, others with the
+    decimals their size deserves (0, 1 or 2); `grouped` adds thousands
+    separators; None, NaN and inf are `missing`."""
+    if v is None or isinstance(v, bool) or not isinstance(v, (int, float)) \
+            or (isinstance(v, float) and not math.isfinite(v)):
+        return missing
+    if isinstance(v, int):
+        return f"{v:,}" if grouped else str(v)
+    a, sep = abs(v), "," if grouped else ""
+    return f"{v:{sep}.0f}" if a >= 100 else f"{v:.1f}" if a >= 10 else f"{v:.2f}"
 
 
 class Kind(StrEnum):
@@ -125,18 +160,12 @@ class RunResult:
                         ("mismatched pages", ("mismatched_pages",), ""))
 
     def _metric(self, *path: str) -> str | None:
-        """A summary figure as text, None if absent. The rule of
-        results.format_number (grouped): whole numbers as they are, others
-        with 0, 1 or 2 decimals by size."""
+        """A summary figure as text (format_number, grouped), None if absent."""
         v: Any = self.summary or {}
         for key in path:
             v = v.get(key) if isinstance(v, dict) else None
-        if isinstance(v, bool) or not isinstance(v, (int, float)) or v != v \
-                or v in (float("inf"), float("-inf")):
-            return None
-        if isinstance(v, int):
-            return f"{v:,}"
-        return f"{v:,.0f}" if abs(v) >= 100 else f"{v:.1f}" if abs(v) >= 10 else f"{v:.2f}"
+        text = format_number(v, missing="", grouped=True)
+        return text or None
 
     @staticmethod
     def _clip(text: Any, limit: int) -> str:
@@ -148,17 +177,18 @@ class RunResult:
         """'ok, consistent', 'inconsistent, 2,048 mismatched pages (expected)',
         'timeout: <first line of the error>'."""
         status = str(self.status)
-        if status not in (Status.OK, Status.INCONSISTENT):        # did not finish
+        j = judge(status, self.consistent, self.expect_consistent)
+        if j == Judgement.UNFINISHED:
             first = (self.error or "").strip().splitlines()
             return f"{status}: {self._clip(first[0], error_limit)}" if first else status
-        if self.consistent is None:
+        if j == Judgement.UNVERIFIED:
             return f"{status}, not verified"
         pages = self._metric("mismatched_pages")
         text = "consistent" if self.consistent else (
             f"{pages} mismatched pages" if pages else "inconsistent")
-        if self.as_expected is False:
+        if j == Judgement.UNEXPECTED:
             return f"{status}, {text} (UNEXPECTED)"
-        return f"{status}, {text}" + ("" if self.consistent or self.as_expected is None
+        return f"{status}, {text}" + ("" if self.consistent or j == Judgement.UNSPECIFIED
                                       else " (expected)")
 
     def __repr__(self) -> str:

@@ -65,7 +65,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 from urllib.parse import quote
 
-from .model import RunResult, Status
+from .model import Judgement, RunResult, Status, format_number, judge
 
 if TYPE_CHECKING:                      # pandas is imported only when frames are asked for
     import pandas as pd
@@ -1025,18 +1025,6 @@ def _tidy_frames(runs: pd.DataFrame, latency: pd.DataFrame, faults: pd.DataFrame
 
 # -- text table ---------------------------------------------------------------
 
-def format_number(v: Any, missing: str = "-", grouped: bool = False) -> str:
-    """A metric for people: whole numbers as they are, others with the
-    decimals their size deserves (0, 1 or 2); `grouped` adds thousands
-    separators; None, NaN and inf are `missing`."""
-    if v is None or (isinstance(v, float) and not math.isfinite(v)):
-        return missing
-    if isinstance(v, int):
-        return f"{v:,}" if grouped else str(v)
-    a, sep = abs(v), "," if grouped else ""
-    return f"{v:{sep}.0f}" if a >= 100 else f"{v:.1f}" if a >= 10 else f"{v:.2f}"
-
-
 LIST_FIELDS = _LIST_FIELDS     # the keys of runs()'s dicts (the CSV columns)
 ELLIPSIS = "..."         # ASCII, so a terminal in any locale can print it
 ERROR_MAX = 60           # a table's error: its first line, cut here or at the width
@@ -1231,17 +1219,16 @@ def verdict(run: Mapping[str, Any]) -> str:
     """The run's status and its consistency verdict against the scenario's
     expectation, in one line."""
     status = str(run.get("status") or "-")
-    if status not in (Status.OK, Status.INCONSISTENT):
-        return f"{status}: no verdict (the run did not finish)"
-    c, e = run.get("consistent"), run.get("expect_consistent")
-    if c is None:
-        return f"{status} (no consistency verdict in the summary: verification off?)"
-    if e is None:
-        return f"{status} (the scenario expects no particular verdict)"
-    if bool(c) == bool(e):
-        return f"{status}, as the scenario expects"
-    return (f"{status} (!): on a correct kernel the scenario expects "
-            f"{'a consistent' if e else 'an inconsistent'} snapshot")
+    e = run.get("expect_consistent")
+    return {
+        Judgement.UNFINISHED: f"{status}: no verdict (the run did not finish)",
+        Judgement.UNVERIFIED: f"{status} (no consistency verdict in the summary: "
+                              f"verification off?)",
+        Judgement.UNSPECIFIED: f"{status} (the scenario expects no particular verdict)",
+        Judgement.EXPECTED: f"{status}, as the scenario expects",
+        Judgement.UNEXPECTED: f"{status} (!): on a correct kernel the scenario expects "
+                              f"{'a consistent' if e else 'an inconsistent'} snapshot",
+    }[judge(status, run.get("consistent"), e)]
 
 
 def _measures(parts: Iterable[tuple[str, Any, str]]) -> str:

@@ -141,15 +141,13 @@ def test_run_result_repr_is_one_short_line():
                     "ok, consistent, snapshot 413 ms, p99 919 us, run 1a2b3c4d5e6f)")
 
 
-def test_run_result_figures_follow_results_rules():
-    # model imports nothing of the package, so it keeps its own copy of both
-    from uffdlab.model import RunResult
-    from uffdlab.results import METRICS, format_number
-    for _, path, _ in RunResult._DISPLAY_METRICS:
-        assert path in METRICS.values()
-    for v in (0, 7, 2048, 1_234_567, 0.5, 7.42, 12.34, 412.733, 12345.6, -3.2):
-        res = make_result("r", summary={"snapshot_ms": v})
-        assert res._metric("snapshot_ms") == format_number(v, grouped=True)
+def test_run_result_figures_are_the_results_tables_numbers():
+    """One number formatter for the repr, the tables and the CLI."""
+    from uffdlab import model, results
+    assert results.format_number is model.format_number
+    for _, path, _ in model.RunResult._DISPLAY_METRICS:
+        assert path in results.METRICS.values()
+    assert make_result("r", summary={"snapshot_ms": 12345.6})._metric("snapshot_ms") == "12,346"
     assert make_result("r", summary={"snapshot_ms": float("nan")})._metric("snapshot_ms") is None
 
 

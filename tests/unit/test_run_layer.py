@@ -183,3 +183,21 @@ def test_limits_come_from_the_guest_tools_header():
     with pytest.raises(ScenarioError):
         scenarios.resolve(scenarios.get("S3"), {"writers": w_hi + 1})
     assert lim["rate"] == (1, 1e9) and lim["hot_fraction"] == (0, 1)
+
+
+@pytest.mark.parametrize("status,consistent,expect,judgement", [
+    ("failed", None, True, "unfinished"), ("timeout", True, True, "unfinished"),
+    ("ok", None, True, "unverified"), ("ok", True, None, "unspecified"),
+    ("ok", True, True, "expected"), ("inconsistent", False, False, "expected"),
+    ("inconsistent", False, True, "unexpected"), ("ok", True, False, "unexpected"),
+])
+def test_one_judgement_behind_every_verdict_text(status, consistent, expect, judgement):
+    from uffdlab import report, results
+    from uffdlab.model import judge
+    assert judge(status, consistent, expect) == judgement
+    run = {"status": status, "consistent": consistent, "expect_consistent": expect,
+           "error": "boom"}
+    flagged = {"unexpected": ("(!)", "UNEXPECTED")}.get(judgement)
+    if flagged:                       # each renderer marks an unexpected verdict
+        assert flagged[0] in results.verdict(run)
+        assert flagged[1] in report.verdict(run)

@@ -11,6 +11,7 @@ from collections.abc import Iterable, Mapping
 from typing import TYPE_CHECKING, Any
 
 from .. import scenarios
+from ..model import Judgement, judge
 from ..results import _INTEGER_METRICS, METRICS, format_number
 from .runs import RunView, as_run, as_runs
 
@@ -198,13 +199,15 @@ def provenance(result: Any) -> pd.DataFrame:
 def verdict(result: Any) -> str:
     """One line: the consistency verdict against what the scenario expects."""
     run = as_run(result)
-    if run.status in ("failed", "timeout"):
-        err = str(run.error or "no error message").strip().splitlines()
-        return f"{run.status.upper()}: {err[0] if err else ''}"
     consistent, expect = run.consistent, run.expect_consistent
-    if consistent is None:
+    j = judge(run.status, consistent, expect)
+    if j == Judgement.UNFINISHED:
+        err = str(run.error or "no error message").strip().splitlines()
+        return f"{str(run.status).upper()}: {err[0] if err else ''}"
+    if j == Judgement.UNVERIFIED:
         return "not verified"
-    tail = "" if expect is None else " (expected)" if expect == consistent else " (UNEXPECTED)"
+    tail = {Judgement.UNSPECIFIED: "", Judgement.EXPECTED: " (expected)",
+            Judgement.UNEXPECTED: " (UNEXPECTED)"}[j]
     if consistent:
         return ("consistent ✓ as expected" if expect is True
                 else f"consistent {'✓' if expect is not False else '✗'}{tail}")
