@@ -286,35 +286,32 @@ def test_store_local_kernel_shares_the_packaged_rootfs(lab_file):
     assert not packaged.built
 
 
-def test_store_local_kernel_missing_file(lab_file):
+def _no_bzimage(d: Path, text: str) -> str:
+    (d / "kernels" / "bzImage").unlink()
+    return text
+
+
+def _passwd(d: Path, text: str) -> str:
+    return text.replace("vmlinuz: kernels/bzImage", "vmlinuz: /etc/passwd")
+
+
+def _initrd_dir(d: Path, text: str) -> str:
+    (d / "kernels" / "initrd.d").mkdir()
+    return text.replace("initrd: null", "initrd: kernels/initrd.d")
+
+
+@pytest.mark.parametrize("change,problem", [
+    (_no_bzimage, "kernel.vmlinuz: expected an existing file, got '{d}/kernels/bzImage'"),
+    (_passwd, "kernel.vmlinuz: expected an x86 bzImage (arch/x86/boot/bzImage: no 'HdrS' "
+              "at offset 0x202), got '/etc/passwd'"),
+    (_initrd_dir, "kernel.initrd: expected an existing file, got '{d}/kernels/initrd.d'"),
+])
+def test_store_refuses_a_local_kernel_that_is_not_one(lab_file, change, problem):
     path = lab_file()
-    (path.parent / "kernels" / "bzImage").unlink()
+    path.write_text(change(path.parent, path.read_text()))
     with pytest.raises(images.ConfigError) as exc:
         ImageStore(load_lab(path)).image("mine")
-    assert exc.value.problems == [
-        f"{path}:8: images.mine.kernel.vmlinuz: expected an existing file, "
-        f"got '{path.parent / 'kernels' / 'bzImage'}'"]
-
-
-def test_store_local_kernel_not_a_bzimage(lab_file, tmp_path):
-    path = lab_file()
-    path.write_text(path.read_text().replace("vmlinuz: kernels/bzImage", "vmlinuz: /etc/passwd"))
-    with pytest.raises(images.ConfigError) as exc:
-        ImageStore(load_lab(path)).image("mine")
-    assert exc.value.problems == [
-        f"{path}:8: images.mine.kernel.vmlinuz: expected an x86 bzImage "
-        f"(arch/x86/boot/bzImage: no 'HdrS' at offset 0x202), got '/etc/passwd'"]
-
-
-def test_store_local_initrd_must_be_a_file(lab_file):
-    path = lab_file()
-    (path.parent / "kernels" / "initrd.d").mkdir()
-    path.write_text(path.read_text().replace("initrd: null", "initrd: kernels/initrd.d"))
-    with pytest.raises(images.ConfigError) as exc:
-        ImageStore(load_lab(path)).image("mine")
-    assert exc.value.problems == [
-        f"{path}:8: images.mine.kernel.initrd: expected an existing file, "
-        f"got '{path.parent / 'kernels' / 'initrd.d'}'"]
+    assert exc.value.problems == [f"{path}:8: images.mine.{problem.format(d=path.parent)}"]
 
 
 def test_store_build_of_a_cached_recipe_is_a_no_op(lab_file, monkeypatch):
