@@ -31,7 +31,8 @@ def test_provision_reports_the_kernel(provisioned, running_vms):
 
 
 def test_second_provision_changes_nothing(provisioned, trixie_vm):
-    assert provisioned["trixie"].changed >= 1           # the fresh run built the tools
+    if trixie_vm.state().template is None:              # a cold boot: the first run built
+        assert provisioned["trixie"].changed >= 1       # the tools (a restored VM had them)
     again = provision(trixie_vm)
     assert again.changed == 0, again.changed_tasks
     assert again.probe == provisioned["trixie"].probe
