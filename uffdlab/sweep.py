@@ -22,6 +22,8 @@ import math
 import os
 import threading
 import time
+from collections.abc import Callable
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any
@@ -402,78 +404,147 @@ def run_sweep(lab: Lab, grid: Grid, listener: Listener | None = None,
                        fixed=grid.fixed, grid=grid.grid, directory=out)
     defaults = notebook_parameters(NOTEBOOKS / grid.notebook)
     ev.emit(Kind.PROGRESS, f"0/{len(points)} points", done=0, total=len(points))
+    runs = []
     for i, point in enumerate(points):
-        nb_out, result_file = out / f"point-{i:03d}.ipynb", out / f"point-{i:03d}.result.json"
+        result_file = out / f"point-{i:03d}.result.json"
         params = {**grid.fixed, **point,      # then SET_BY_SWEEP:
                   "lab_path": str(lab.source.resolve()), "sweep_id": sweep_id,
                   "teardown": False, "result_path": str(result_file), "fresh": grid.fresh}
-        t0 = time.monotonic()
-        outcome = _run_point(lab, grid, NOTEBOOKS / grid.notebook, nb_out, params,
-                             {**defaults, **params}, result_file, ev)
-        entry = SweepPoint(index=i, params=point, notebook=nb_out.name, status=outcome.status,
-                           run_id=outcome.run_id, error=outcome.error,
-                           seconds=round(time.monotonic() - t0, 1))
-        index.points.append(entry)
-        index.save()
-        ev.emit(Kind.PROGRESS, f"{i + 1}/{len(points)} points; last {entry.status} "
-                f"({_describe_point(point)})", done=i + 1, total=len(points))
+        runs.append((params, {**defaults, **params}, result_file))
+    ahead: list[_Bringup | None] = [None]   # the next point's VM, started early
+    try:
+        for i, point in enumerate(points):
+            params, resolved, result_file = runs[i]
+            bringup = ahead[0] or _start_bringup(lab, resolved, grid.fresh, ev)
+            ahead[0] = None
+            after = None
+            if grid.fresh and i + 1 < len(points):
+                def after(nxt=runs[i + 1][1]):       # noqa: E306 (bound per point)
+                    ahead[0] = _start_bringup(lab, nxt, True, ev)
+            t0 = time.monotonic()
+            outcome = _run_point(grid, NOTEBOOKS / grid.notebook, out / f"point-{i:03d}.ipynb",
+                                 params, bringup, result_file, ev, after)
+            entry = SweepPoint(index=i, params=point, notebook=f"point-{i:03d}.ipynb",
+                               status=outcome.status, run_id=outcome.run_id,
+                               error=outcome.error, seconds=round(time.monotonic() - t0, 1))
+            index.points.append(entry)
+            index.save()
+            ev.emit(Kind.PROGRESS, f"{i + 1}/{len(points)} points; last {entry.status} "
+                    f"({_describe_point(point)})", done=i + 1, total=len(points))
+    finally:
+        if ahead[0] is not None:                  # interrupted after the early start
+            ahead[0].discard()
     if grid.teardown and not grid.fresh:          # fresh points stop their own VMs
         _teardown(lab, grid, points, ev)
     return SweepResult(index, _render_report(out, lab, ev))
 
 
-def _run_point(lab: Lab, grid: Grid, notebook: Path, nb_out: Path, params: dict[str, Any],
-               resolved: dict[str, Any], result_file: Path, ev: Emitter) -> PointResult:
-    """Bring up and provision the point's VM here, where the sweep's listener
-    shows the boot and the Ansible tasks (inside the notebook they are only
-    papermill's silence), while the notebook's kernel starts: the notebook
-    gets the VM by name (`vm_name`) and waits for it at its first use, so
-    nothing it measures runs beside the boot. A fresh VM is stopped
-    afterwards, whatever the notebook did."""
-    vm = None
-    try:
-        if {"vm_name", "image", "vm_memory", "vm_cpus"} <= set(resolved):
-            vm = _point_vm(lab, resolved, grid.fresh, ev.listener)
-            params = {**params, "vm_name": vm.name}
-            failed: list[BaseException] = []
-            bringing = threading.Thread(target=_bring_up, args=(vm, grid.fresh, failed),
-                                        daemon=True)
-            bringing.start()
-            result = _execute_point(notebook, nb_out, params, result_file)
-            bringing.join()
-            if failed and result.status == Status.FAILED:
-                why = f"the point's VM did not come up: {_first_line(failed[0])}"
-                ev.emit(Kind.FAILED, why)
-                return PointResult(None, Status.FAILED, None, why)
-            return result
-        return _execute_point(notebook, nb_out, params, result_file)
-    finally:
-        if vm is not None and grid.fresh:
-            try:
-                vm.down()             # False when the notebook already stopped it
-            except Exception as e:
-                ev.emit(Kind.FAILED, f"stopping {vm.name}: {_first_line(e)}")
+class _Bringup:
+    """A point's VM coming up (booted or restored, then provisioned) in a
+    thread, while the notebook's kernel starts or, for fresh VMs, while the
+    previous point's notebook draws its plots. Errors are kept: the notebook
+    then tries itself and says why it could not."""
+
+    def __init__(self, vm, fresh: bool):
+        self.vm, self.fresh = vm, fresh
+        self.failed: list[BaseException] = []
+        self._thread = threading.Thread(target=self._up, daemon=True)
+        self._thread.start()
+
+    def _up(self) -> None:
+        from .provision import ensure_provisioned  # not api: it imports this module
+        try:
+            self.vm.up(reuse=True)
+            ensure_provisioned(self.vm)
+            self.vm.drop_session()      # the notebook opens its own connections
+        except BaseException as e:
+            self.failed.append(e)
+
+    def join(self) -> BaseException | None:
+        self._thread.join()
+        return self.failed[0] if self.failed else None
+
+    def discard(self) -> None:
+        """Wait for it, then stop a fresh VM: nobody will use it."""
+        self.join()
+        if self.fresh:
+            self.vm.down()
 
 
-def _point_vm(lab: Lab, p: dict[str, Any], fresh: bool, listener: Listener | None):
-    """The VM a point asks for by shape: with `fresh`, a new one of its own;
-    else the shape's shared VM."""
+def _start_bringup(lab: Lab, p: dict[str, Any], fresh: bool, ev: Emitter) -> _Bringup | None:
+    """Start bringing up the VM a point asks for by shape (image, memory,
+    cpus): with `fresh`, a new one of its own; else the shape's shared VM.
+    None for a notebook without those parameters."""
+    if not {"vm_name", "image", "vm_memory", "vm_cpus"} <= set(p):
+        return None
     from .vm import VM
-    return VM.for_shape(lab, p["image"], p["vm_memory"], int(p["vm_cpus"]),
-                        listener=listener, fresh=fresh)
+    vm = VM.for_shape(lab, p["image"], p["vm_memory"], int(p["vm_cpus"]),
+                      listener=ev.listener, fresh=fresh)
+    return _Bringup(vm, fresh)
 
 
-def _bring_up(vm, fresh: bool, failed: list[BaseException]) -> None:
-    """Boot (or restore) and provision the point's VM: what api.ready does,
-    without importing api (it imports this module). Errors go to `failed`;
-    the notebook then tries itself and says why it could not."""
-    from .provision import ensure_provisioned
+def _run_point(grid: Grid, notebook: Path, nb_out: Path, params: dict[str, Any],
+               bringup: _Bringup | None, result_file: Path, ev: Emitter,
+               after: Callable[[], None] | None = None) -> PointResult:
+    """Execute a point's notebook on the VM `bringup` brings up (here, where
+    the sweep's listener shows the boot and the Ansible tasks; inside the
+    notebook they are only papermill's silence). The notebook gets the VM by
+    name (`vm_name`) and waits for it at its first use, so nothing it
+    measures runs beside the boot. A fresh VM is stopped as soon as the
+    notebook has written its result, and `after` is called then (it starts
+    the next point's VM while this notebook draws its plots); whatever the
+    notebook did, the VM is stopped at the end."""
     try:
-        vm.up(reuse=True)
-        ensure_provisioned(vm)
-        vm.drop_session()             # the notebook opens its own connections
-    except BaseException as e:
-        failed.append(e)
+        if bringup is None:
+            return _execute_point(notebook, nb_out, params, result_file)
+        params = {**params, "vm_name": bringup.vm.name}
+
+        def finished_run() -> None:
+            try:
+                if grid.fresh:
+                    bringup.discard()     # a no-op when the notebook stopped it first
+                if after is not None:
+                    after()
+            except Exception as e:        # the main loop meets it again, and stops
+                ev.emit(Kind.FAILED, f"after {nb_out.stem}: {_first_line(e)}")
+
+        with _on_file(result_file, finished_run):
+            result = _execute_point(notebook, nb_out, params, result_file)
+        failed = bringup.join()
+        if failed is not None and result.status == Status.FAILED:
+            why = f"the point's VM did not come up: {_first_line(failed)}"
+            ev.emit(Kind.FAILED, why)
+            return PointResult(None, Status.FAILED, None, why)
+        return result
+    finally:
+        if bringup is not None and grid.fresh:
+            try:
+                bringup.discard()     # False when the notebook already stopped it
+            except Exception as e:
+                ev.emit(Kind.FAILED, f"stopping {bringup.vm.name}: {_first_line(e)}")
+
+
+@contextmanager
+def _on_file(path: Path, action: Callable[[], None], poll: float = 0.1):
+    """Call `action` once, in a thread, when `path` appears (files written
+    with _write_atomic appear whole) while the block runs. On leaving, the
+    watcher stops; an action under way is waited for."""
+    stop = threading.Event()
+
+    def watch() -> None:
+        while not stop.is_set():
+            if path.exists():
+                action()
+                return
+            stop.wait(poll)
+
+    watcher = threading.Thread(target=watch, daemon=True)
+    watcher.start()
+    try:
+        yield
+    finally:
+        stop.set()
+        watcher.join()
 
 
 def _execute_point(notebook: Path, nb_out: Path, params: dict[str, Any],

@@ -256,10 +256,27 @@ def fake_papermill(monkeypatch):
     """papermill and the point's VM faked: no notebook kernel, no QEMU."""
     fake = FakeNotebook()
     monkeypatch.setattr(papermill, "execute_notebook", fake)
-    monkeypatch.setattr(sweep, "_point_vm", lambda lab, p, fresh, listener: SimpleNamespace(
-        name="nb-fake", drop_session=lambda: None, down=lambda: False))
-    monkeypatch.setattr(sweep, "_bring_up", lambda vm, fresh, failed: None)
+    monkeypatch.setattr(sweep, "_start_bringup", FakeBringup)
     return fake
+
+
+class FakeBringup:
+    """A point's VM coming up, faked: it logs when it starts and stops."""
+
+    log: list[tuple[str, int]] = []
+
+    def __init__(self, lab, p, fresh, ev):
+        self.writers, self.fresh, self.stopped = p["writers"], fresh, False
+        self.vm = SimpleNamespace(name=f"nb-fake-{self.writers}")
+        self.log.append(("up", self.writers))
+
+    def join(self):
+        return None
+
+    def discard(self):
+        if self.fresh and not self.stopped:
+            self.stopped = True
+            self.log.append(("down", self.writers))
 
 
 def five_points(tmp_path: Path) -> Path:
@@ -289,6 +306,52 @@ def test_run_sweep_reads_result_files(lab, tmp_path, fake_papermill):
     assert fake_papermill.calls[-1] == (sweep.SWEEP_NOTEBOOK, {
         "lab_path": str(lab.source.resolve()), "sweep_dir": str(res.directory)})
     assert res.report == res.directory / "sweep.ipynb"
+
+
+def test_fresh_points_start_the_next_vm_once_the_result_is_written(lab, tmp_path, monkeypatch):
+    """With a VM per point, the point's VM stops as soon as its notebook has
+    written the result, and the next point's VM starts coming up while that
+    notebook is still drawing its plots."""
+    FakeBringup.log = []
+    monkeypatch.setattr(sweep, "_start_bringup", FakeBringup)
+    seen_while_running = []
+
+    def notebook(input_path, output_path, parameters=None, **kw):
+        Path(output_path).write_text("{}")
+        if Path(input_path).name == sweep.SWEEP_NOTEBOOK:
+            return
+        PointResult(f"r{parameters['writers']}", Status.OK, True).write(parameters["result_path"])
+        deadline = time.monotonic() + 10        # the plots: the next VM comes up meanwhile
+        while ("up", parameters["writers"] + 1) not in FakeBringup.log \
+                and parameters["writers"] < 3 and time.monotonic() < deadline:
+            time.sleep(0.01)
+        seen_while_running.append(list(FakeBringup.log))
+
+    monkeypatch.setattr(papermill, "execute_notebook", notebook)
+    grid = grid_file(tmp_path, "fixed:\n  image: trixie\ngrid:\n  writers: [1, 2, 3]\n"
+                               "fresh: true\n")
+    res = run_sweep(lab, load_grid(grid), out_root=tmp_path / "sweeps")
+    assert [p.run_id for p in res.points] == ["r1", "r2", "r3"]
+    assert seen_while_running[0] == [("up", 1), ("down", 1), ("up", 2)]
+    assert FakeBringup.log == [("up", 1), ("down", 1), ("up", 2), ("down", 2), ("up", 3),
+                               ("down", 3)]
+
+
+def test_an_interrupted_fresh_sweep_stops_the_vm_it_started_early(lab, tmp_path, monkeypatch):
+    FakeBringup.log = []
+    monkeypatch.setattr(sweep, "_start_bringup", FakeBringup)
+
+    def notebook(input_path, output_path, parameters=None, **kw):
+        PointResult("r1", Status.OK, True).write(parameters["result_path"])
+        while ("up", 2) not in FakeBringup.log:
+            time.sleep(0.01)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(papermill, "execute_notebook", notebook)
+    grid = grid_file(tmp_path, "fixed:\n  image: trixie\ngrid:\n  writers: [1, 2]\n")
+    with pytest.raises(KeyboardInterrupt):
+        run_sweep(lab, load_grid(grid), out_root=tmp_path / "sweeps")
+    assert FakeBringup.log == [("up", 1), ("down", 1), ("up", 2), ("down", 2)]
 
 
 # -- the commands ---------------------------------------------------------------------
