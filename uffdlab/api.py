@@ -8,7 +8,9 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from .config import Lab, load_lab
+from .config import Lab, lab_from_dict, load_lab
+from .events import Listener
+from .kernel import KernelBuild, KernelStore, debian_source
 from .matrix import run_matrix
 from .provision import ensure_provisioned
 from .runner import Prepared, prepare, run_and_store
@@ -17,12 +19,35 @@ from .sweep import PointResult, SweepIndex
 from .vm import VM, VMState
 
 __all__ = ["open_lab", "vm_for", "ready", "plan_run", "run_and_store", "run_matrix",
-           "PointResult", "SweepIndex"]
+           "with_tree_kernel", "build_kernel", "kernel_source", "PointResult", "SweepIndex"]
 
 
 def open_lab(path: str | Path | None = None) -> Lab:
     """lab.yml from the given path, or the default one (see paths.default_lab_file)."""
     return load_lab(path)
+
+
+def with_tree_kernel(lab: Lab, tree: str | Path, name: str = "mine", suite: str = "trixie",
+                     base: str = "small", config: list[str | Path] | None = None,
+                     make_args: list[str] | None = None) -> Lab:
+    """The lab with one more image, `name`: `suite`'s rootfs booting the
+    kernel the lab builds from `tree`, as if lab.yml said so (and checked
+    as lab.yml is: a bad value is a ConfigError naming images.NAME...)."""
+    data = lab.model_dump(mode="json", exclude_unset=True)
+    kernel = {"tree": str(tree), "base": base, "config": [str(c) for c in config or []],
+              "make_args": list(make_args or [])}
+    data["images"] = {**data.get("images", {}), name: {"suite": suite, "kernel": kernel}}
+    return lab_from_dict(data, lab.source)
+
+
+def build_kernel(lab: Lab, image: str, listener: Listener | None = None) -> KernelBuild:
+    """Build the image's kernel from its tree (a no-op when the tree and
+    config are unchanged); `up` does this too."""
+    return KernelStore(lab, listener).build(image)
+
+
+# Debian's linux-source-SERIES unpacked under the cache dir: a real tree.
+kernel_source = debian_source
 
 
 # A VM by shape (image, memory, cpus), named after it: see VM.for_shape.

@@ -113,9 +113,28 @@ def _package_name(name: str) -> str:
 PackageName = Annotated[str, AfterValidator(_package_name)]
 
 
+MAKE_ARG = re.compile(r"[A-Za-z_][A-Za-z0-9_]*=[^\s'\"`$;&|<>\\]*")
+# Variables the lab sets itself: a build of its own needs them to be its own.
+RESERVED_MAKE_VARS = ("O", "ARCH", "INSTALL_HDR_PATH", "KCONFIG_CONFIG")
+
+
+def _make_arg(v: Any) -> Any:
+    if isinstance(v, str):
+        if not MAKE_ARG.fullmatch(v):
+            raise ValueError(f"expected a make variable assignment like 'KCFLAGS=-O2' "
+                             f"(no spaces, quotes or shell characters), got {v!r}")
+        if v.split("=", 1)[0] in RESERVED_MAKE_VARS:
+            raise ValueError(f"expected a variable the lab does not set itself "
+                             f"({', '.join(RESERVED_MAKE_VARS)} are), got {v!r}")
+    return v
+
+
+MakeArg = Annotated[str, AfterValidator(_make_arg)]
+
+
 class KernelSpec(_Model):
-    """Which kernel boots: a Debian package installed into the image, or a
-    contributor's own build booted directly from its path."""
+    """Which kernel boots: a Debian package installed into the image, a
+    contributor's own bzImage, or a kernel tree the lab builds."""
 
     package: PackageName | None = Field(
         None, description="Debian kernel package to install (default "
@@ -125,26 +144,58 @@ class KernelSpec(_Model):
     initrd: Path | None = Field(
         None, description="The local kernel's initrd, or null when the kernel "
         "has virtio and ext4 built in (see images/local-kernel.config).")
+    tree: Path | None = Field(
+        None, description="A kernel source tree (git checkout or not) that the lab "
+        "builds out of tree (O= under the cache dir) and boots without an initrd; "
+        "'uffdlab kernel build IMAGE'.")
+    base: Literal["defconfig", "small"] = Field(
+        "defconfig", description="The tree's base config: 'defconfig' "
+        "(x86_64_defconfig) or 'small' (tinyconfig plus images/kernel-small.config: "
+        "what the lab's rootfs and scenarios need, about 3x faster to build).")
+    config: list[Path] = Field(
+        default_factory=list, description="Config fragments merged last, after the "
+        "base, kvm_guest.config and images/local-kernel.config (tree only).")
+    make_args: list[MakeArg] = Field(
+        default_factory=list, description="Extra make variables for a tree build, "
+        "like 'KCFLAGS=-Og' or 'LLVM=1'.")
     cmdline: OneLine = Field("", description="Extra kernel command line for this kernel.")
 
     @model_validator(mode="after")
     def _one_source(self) -> KernelSpec:
-        if self.package and self.vmlinuz:
-            raise ValueError(f"expected either 'package' or 'vmlinuz', not both; got "
-                             f"package {self.package!r} and vmlinuz '{self.vmlinuz}'")
+        named = [f"{k} {_shown(getattr(self, k))}" for k in ("package", "vmlinuz", "tree")
+                 if getattr(self, k)]
+        if len(named) > 1:
+            raise ValueError(f"expected one of 'package', 'vmlinuz' or 'tree', got "
+                             f"{' and '.join(named)}")
         if self.initrd and not self.vmlinuz:
             raise ValueError(f"expected 'initrd' only with a local 'vmlinuz', got initrd "
                              f"'{self.initrd}' and no vmlinuz (a packaged kernel brings "
-                             f"its own initrd)")
+                             f"its own initrd; a tree's kernel boots without one)")
+        tree_only = [k for k in ("config", "make_args") if getattr(self, k)]
+        if "base" in self.model_fields_set:
+            tree_only.insert(0, "base")
+        if tree_only and not self.tree:
+            raise ValueError(f"expected {', '.join(map(repr, tree_only))} only with "
+                             f"'tree', a kernel source tree to build")
         return self
 
     @property
     def is_local(self) -> bool:
-        return self.vmlinuz is not None
+        """Booted directly from a file (a bzImage of one's own, or built from a
+        tree), not installed into the image from a package."""
+        return self.vmlinuz is not None or self.tree is not None
+
+    @property
+    def is_tree(self) -> bool:
+        return self.tree is not None
 
     @property
     def package_name(self) -> str | None:
         return None if self.is_local else (self.package or DEFAULT_KERNEL_PACKAGE)
+
+
+def _shown(v: Any) -> str:
+    return repr(v) if isinstance(v, str) else f"'{v}'"
 
 
 def _octal_mode(v: Any) -> Any:

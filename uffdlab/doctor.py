@@ -11,6 +11,7 @@ from __future__ import annotations
 import importlib.util
 import os
 import shutil
+import subprocess
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,6 +27,17 @@ KERNEL_FIX = "./lab setup; or uffdlab jupyter install (--user: for your own Jupy
 USERNS_CLONE = Path("/proc/sys/kernel/unprivileged_userns_clone")  # Debian's switch
 MAX_USER_NS = Path("/proc/sys/user/max_user_namespaces")
 SUBUID = Path("/etc/subuid")
+
+# What building a kernel from a tree (images.NAME.kernel.tree) needs on the
+# host: tools on PATH, (command, apt package) ...
+KERNEL_TOOLS = (("make", "make"), ("gcc", "gcc"), ("flex", "flex"), ("bison", "bison"),
+                ("bc", "bc"), ("cpio", "cpio"))
+# ... and libraries' headers, (check name, header, pkg-config module, apt
+# package): objtool (the ORC unwinder) needs libelf, sign-file and
+# extract-cert (module signing, trusted keys) need libcrypto.
+KERNEL_HEADERS = (("libelf headers", "gelf.h", "libelf", "libelf-dev"),
+                  ("openssl headers", "openssl/ssl.h", "libcrypto", "libssl-dev"))
+INCLUDE_DIR = Path("/usr/include")
 
 
 @dataclass
@@ -45,7 +57,7 @@ def run_checks(lab: Lab | None, kvm: bool = False) -> list[Check]:
               _tool("mkfs.ext4", "e2fsprogs"), _tool("ssh-keygen", "openssh-client"),
               _tool("ssh", "openssh-client", required=False,
                     why="only 'uffdlab ssh VM' without a command needs it"),
-              _python_modules(), _jupyterlab(), _jupyter_kernel()]
+              *_kernel_build(lab), _python_modules(), _jupyterlab(), _jupyter_kernel()]
     if lab is not None:
         checks += [_disk(lab), _kvm(lab, probe=kvm)]
     return checks
@@ -55,6 +67,44 @@ def _tool(cmd: str, package: str, required: bool = True, why: str = "") -> Check
     path = shutil.which(cmd)
     detail = path or ("not found" + (f" ({why})" if why else ""))
     return Check(cmd, path is not None, detail, f"apt-get install -y {package}", required)
+
+
+def _kernel_build(lab: Lab | None) -> list[Check]:
+    """The kernel build's tools and headers: required when the lab file has
+    an image whose kernel is built from a tree, else warnings."""
+    trees = [] if lab is None else [name for name, img in lab.images.items()
+                                    if img.kernel.is_tree]
+    if len(trees) == 1:
+        why = f"image {trees[0]} builds its kernel from a tree"
+    elif trees:
+        why = f"images {', '.join(trees)} build their kernels from trees"
+    else:
+        why = "needed only to build kernels from a tree, images.NAME.kernel.tree"
+    required = bool(trees)
+    return ([_tool(cmd, package, required, why) for cmd, package in KERNEL_TOOLS]
+            + [_header(name, header, module, package, required, why)
+               for name, header, module, package in KERNEL_HEADERS])
+
+
+def _header(name: str, header: str, module: str, package: str, required: bool,
+            why: str) -> Check:
+    """A library's development files: its header in /usr/include, else
+    pkg-config knowing the library."""
+    path = INCLUDE_DIR / header
+    if path.is_file():
+        return Check(name, True, str(path), required=required)
+    if _pkg_config_exists(module):
+        return Check(name, True, f"pkg-config {module}", required=required)
+    return Check(name, False, f"no {path}, and pkg-config does not know {module} ({why})",
+                 f"apt-get install -y {package}", required)
+
+
+def _pkg_config_exists(module: str) -> bool:
+    try:
+        return subprocess.run(["pkg-config", "--exists", module], capture_output=True,
+                              timeout=10).returncode == 0
+    except (OSError, subprocess.TimeoutExpired):      # no pkg-config: nothing known
+        return False
 
 
 def _importable(module: str) -> bool:

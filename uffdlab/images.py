@@ -84,7 +84,8 @@ class Image:
     @property
     def kernel_release(self) -> str:
         if self.spec.kernel.is_local:
-            return bzimage_release(self.vmlinuz) or "unknown"
+            return bzimage_release(self.vmlinuz) or (
+                "not built" if self.spec.kernel.is_tree else "unknown")
         return self.meta["kernel_release"]
 
 
@@ -172,7 +173,10 @@ class ImageStore:
         spec = self.lab.image_spec(name)
         key = recipe_key(recipe(spec, self.keys.public_key()))
         d = self.root / key
-        if spec.kernel.is_local:
+        if spec.kernel.is_tree:                  # built on demand: see build()
+            from .kernel import KernelStore
+            vmlinuz, initrd = KernelStore(self.lab).current(name).bzimage, None
+        elif spec.kernel.is_local:
             vmlinuz = self.lab.kernel_path(spec.kernel.vmlinuz)
             initrd = self.lab.kernel_path(spec.kernel.initrd) if spec.kernel.initrd else None
             for field, p in (("vmlinuz", vmlinuz), ("initrd", initrd)):
@@ -190,7 +194,15 @@ class ImageStore:
         return Image(name, spec, key, d, vmlinuz, initrd, spec.kernel.cmdline)
 
     def build(self, name: str, force: bool = False) -> Image:
-        """Build the image unless an identical recipe is already cached."""
+        """Build the image unless an identical recipe is already cached, and
+        the kernel of a tree unless its sources and config are."""
+        img = self._build_rootfs(name, force)
+        if img.spec.kernel.is_tree:
+            from .kernel import KernelStore
+            KernelStore(self.lab, self.listener).build(name, force)
+        return img
+
+    def _build_rootfs(self, name: str, force: bool) -> Image:
         img = self.image(name)
         ev = Emitter(name, self.listener)
         if img.built and not force:
@@ -325,7 +337,7 @@ class ImageStore:
             elif img.spec.kernel.is_local:
                 row["kernel"] = img.kernel_release
             if img.spec.kernel.is_local:
-                row["kernel"] += " (local)"
+                row["kernel"] += " (tree)" if img.spec.kernel.is_tree else " (local)"
             rows.append(row)
         return rows
 

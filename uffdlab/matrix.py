@@ -279,7 +279,8 @@ def _plan(cases: Iterable[str | Case | tuple], params: Mapping[str, Any],
 
 
 def local_kernel_images(lab: Lab) -> list[str]:
-    """The images of lab.yml whose kernel is a local build (kernel.vmlinuz)."""
+    """The images of lab.yml whose kernel is a local build: kernel.vmlinuz, or
+    kernel.tree (built when its VM comes up)."""
     return [name for name, spec in lab.images.items() if spec.kernel.is_local]
 
 

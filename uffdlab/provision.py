@@ -74,7 +74,7 @@ def provision(vm: VM, playbook: str = "provision.yml") -> ProvisionResult:
     me = ProcessId.of(os.getpid(), "")
     with tempfile.TemporaryDirectory(prefix=f"{SCRATCH_PREFIX}{me.pid}.{me.start}-") as tmp:
         tmp = Path(tmp)
-        tarball = sources_tarball(tmp / "guest-tools.tar")
+        tarball = sources_tarball(tmp / "guest-tools.tar", _kernel_headers(vm))
         (tmp / "cp").mkdir()
         (tmp / "runner").mkdir()
         lab_vars = vm.lab.provision.model_dump()
@@ -112,6 +112,15 @@ def provision(vm: VM, playbook: str = "provision.yml") -> ProvisionResult:
     vm.emit(Kind.PROVISIONING, f"done in {res.seconds} s: {res.ok} ok, {res.changed} changed",
             changed=res.changed, seconds=res.seconds)
     return res
+
+
+def _kernel_headers(vm: VM) -> Path | None:
+    """The UAPI headers of the VM's kernel when the lab built it from a tree."""
+    spec = vm.lab.image_spec(vm.spec.image).kernel
+    if not spec.is_tree:
+        return None
+    from .kernel import KernelStore
+    return KernelStore(vm.lab).current(vm.spec.image).headers_tar
 
 
 SCRATCH_PREFIX = "uffdlab-ans-"

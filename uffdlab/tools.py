@@ -37,10 +37,11 @@ def tools_version() -> str:
     return f"{commit}-dirty" if dirty else commit
 
 
-def sources_tarball(dest: Path) -> Path:
+def sources_tarball(dest: Path, kernel_headers: Path | None = None) -> Path:
     """The tools' sources as a byte-for-byte reproducible tar: the same
     sources give the same checksum, so Ansible copies and builds only on
-    change."""
+    change. `kernel_headers`, a tar of a tree-built kernel's UAPI headers
+    (include/...), goes in as kernel-headers/, where the Makefile finds it."""
     def normalize(info: tarfile.TarInfo) -> tarfile.TarInfo:
         info.uid = info.gid = 0
         info.uname = info.gname = "root"
@@ -50,4 +51,13 @@ def sources_tarball(dest: Path) -> Path:
     with tarfile.open(dest, "w", format=tarfile.GNU_FORMAT) as tar:
         for p in tools_sources():
             tar.add(p, arcname=str(p.relative_to(GUEST_TOOLS)), filter=normalize)
+        if kernel_headers is not None:
+            with tarfile.open(kernel_headers) as hdr:
+                for info in hdr:
+                    if not (info.isfile() or info.isdir()) or info.name.startswith("/") \
+                            or ".." in info.name.split("/"):
+                        continue            # headers_install makes only these
+                    data = hdr.extractfile(info) if info.isfile() else None
+                    info.name = f"kernel-headers/{info.name}"
+                    tar.addfile(normalize(info), data)
     return dest

@@ -186,11 +186,16 @@ BAD = [
      ["{f}:4: images.trixie.suite: required, but missing from images.trixie"]),
     ("kernel-package-and-vmlinuz",
      _after_suite("    kernel: {package: linux-image-amd64, vmlinuz: /boot/vmlinuz}\n"),
-     ["{f}:6: images.trixie.kernel: expected either 'package' or 'vmlinuz', not both; "
-      "got package 'linux-image-amd64' and vmlinuz '/boot/vmlinuz'"]),
+     ["{f}:6: images.trixie.kernel: expected one of 'package', 'vmlinuz' or 'tree', got "
+      "package 'linux-image-amd64' and vmlinuz '/boot/vmlinuz'"]),
+    ("kernel-tree-and-package",
+     _after_suite("    kernel: {package: linux-image-amd64, tree: ~/src/linux}\n"),
+     ["{f}:6: images.trixie.kernel: expected one of 'package', 'vmlinuz' or 'tree', got "
+      "package 'linux-image-amd64' and tree '~/src/linux'"]),
     ("kernel-initrd-without-vmlinuz", _after_suite("    kernel: {initrd: /boot/initrd.img}\n"),
      ["{f}:6: images.trixie.kernel: expected 'initrd' only with a local 'vmlinuz', got "
-      "initrd '/boot/initrd.img' and no vmlinuz (a packaged kernel brings its own initrd)"]),
+      "initrd '/boot/initrd.img' and no vmlinuz (a packaged kernel brings its own initrd; "
+      "a tree's kernel boots without one)"]),
     ("suite-bad-name", BASE.replace("suite: trixie", "suite: Trixie!"),
      ["{f}:5: images.trixie.suite: expected a Debian suite name like trixie, got 'Trixie!'"]),
     ("package-bad-name", _after_suite("    packages:\n      - vim\n      - Bad Name\n"),

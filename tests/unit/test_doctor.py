@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import os
 import sys
+import types
 from pathlib import Path
 
 import pytest
@@ -51,6 +52,130 @@ def test_ssh_client_is_checked_but_only_warns(monkeypatch):
     ssh = {c.name: c for c in doctor.run_checks(None)}["ssh"]
     assert not ssh.ok and not ssh.required
     assert "uffdlab ssh" in ssh.detail and "openssh-client" in ssh.fix
+
+
+# -- what building a kernel from a tree needs ---------------------------------------------
+
+TREE_LAB = """\
+cache_dir: cache
+images:
+  trixie:
+    suite: trixie
+  mine:
+    suite: trixie
+    kernel:
+      tree: linux
+vms:
+  guest:
+    image: trixie
+"""
+
+KERNEL_CHECKS = ["make", "gcc", "flex", "bison", "bc", "cpio", "libelf headers",
+                 "openssl headers"]
+
+
+@pytest.fixture
+def tree_lab(tmp_path):
+    path = tmp_path / "tree.yml"
+    path.write_text(TREE_LAB)
+    return load_lab(path)
+
+
+@pytest.fixture
+def headers(monkeypatch, tmp_path):
+    """An include dir with both headers; pkg-config asked about nothing."""
+    inc = tmp_path / "include"
+    (inc / "openssl").mkdir(parents=True)
+    (inc / "gelf.h").write_text("")
+    (inc / "openssl" / "ssl.h").write_text("")
+    monkeypatch.setattr(doctor, "INCLUDE_DIR", inc)
+    asked = []
+    monkeypatch.setattr(doctor, "_pkg_config_exists", lambda m: asked.append(m) or False)
+    return types.SimpleNamespace(dir=inc, asked=asked)
+
+
+def kernel_checks(lab) -> dict[str, doctor.Check]:
+    return {c.name: c for c in doctor._kernel_build(lab)}
+
+
+def test_kernel_build_dependencies_all_there(lab, tree_lab, monkeypatch, headers):
+    fake_which(monkeypatch)
+    for which in (None, lab, tree_lab):
+        checks = kernel_checks(which)
+        assert list(checks) == KERNEL_CHECKS
+        assert all(c.ok for c in checks.values())
+    assert checks["flex"].detail == "/usr/bin/flex"
+    assert checks["libelf headers"].detail == str(headers.dir / "gelf.h")
+    assert headers.asked == []                  # the header was enough
+
+
+def test_kernel_build_dependencies_only_warn_without_a_tree(lab, monkeypatch, headers):
+    fake_which(monkeypatch, missing={"flex", "bc"})
+    (headers.dir / "gelf.h").unlink()
+    for which in (lab, None):                   # no tree, or no lab file to tell
+        checks = kernel_checks(which)
+        for name, package in (("flex", "flex"), ("bc", "bc"), ("libelf headers", "libelf-dev")):
+            check = checks[name]
+            assert not check.ok and not check.required
+            assert "needed only to build kernels from a tree" in check.detail
+            assert check.fix == f"apt-get install -y {package}"
+        assert checks["bison"].ok and checks["openssl headers"].ok
+
+
+def test_kernel_build_dependencies_are_required_with_a_tree(tree_lab, monkeypatch, headers):
+    fake_which(monkeypatch, missing={"bison", "cpio"})
+    (headers.dir / "openssl" / "ssl.h").unlink()
+    checks = kernel_checks(tree_lab)
+    failed = {name: c for name, c in checks.items() if not c.ok}
+    assert list(failed) == ["bison", "cpio", "openssl headers"]
+    for check in failed.values():
+        assert check.required
+        assert "image mine builds its kernel from a tree" in check.detail
+    assert failed["bison"].fix == "apt-get install -y bison"
+    assert failed["cpio"].fix == "apt-get install -y cpio"
+    assert failed["openssl headers"].fix == "apt-get install -y libssl-dev"
+    assert "ssl.h" in failed["openssl headers"].detail
+    assert "libcrypto" in failed["openssl headers"].detail
+    assert headers.asked == ["libcrypto"]       # pkg-config, when the header is not there
+
+
+def test_kernel_headers_found_by_pkg_config(tree_lab, monkeypatch, headers):
+    fake_which(monkeypatch)
+    (headers.dir / "gelf.h").unlink()
+    monkeypatch.setattr(doctor, "_pkg_config_exists", lambda m: m == "libelf")
+    check = kernel_checks(tree_lab)["libelf headers"]
+    assert check.ok and check.detail == "pkg-config libelf"
+
+
+def test_pkg_config_missing_or_not_knowing(monkeypatch):
+    def missing(*a, **k):
+        raise FileNotFoundError("pkg-config")
+    monkeypatch.setattr(doctor.subprocess, "run", missing)
+    assert doctor._pkg_config_exists("libelf") is False
+    seen = []
+
+    def run(argv, **k):
+        seen.append(argv)
+        return types.SimpleNamespace(returncode=1)
+    monkeypatch.setattr(doctor.subprocess, "run", run)
+    assert doctor._pkg_config_exists("libcrypto") is False
+    assert seen == [["pkg-config", "--exists", "libcrypto"]]
+
+
+def test_doctor_fails_for_a_missing_bison_only_with_a_tree(lab, tree_lab, monkeypatch,
+                                                           headers, kvm_opens, no_probe,
+                                                           capsys):
+    fake_which(monkeypatch, missing={"bison"})
+    fake_find_spec(monkeypatch)
+    monkeypatch.setattr(os, "geteuid", lambda: 0)
+    monkeypatch.setattr(doctor, "_disk", lambda lab: doctor.Check("cache disk", True, "ok"))
+    assert cli.main(["doctor", "--lab", str(lab.source)]) == 0
+    out = capsys.readouterr().out
+    assert "[warn] bison: not found (needed only to build kernels from a tree" in out
+    assert cli.main(["doctor", "--lab", str(tree_lab.source)]) == 1
+    out = capsys.readouterr().out
+    assert "[FAIL] bison: not found (image mine builds its kernel from a tree)\n" \
+           "       fix: apt-get install -y bison" in out
 
 
 # -- Python modules, JupyterLab, the kernel --------------------------------------------
@@ -257,5 +382,6 @@ def test_run_checks_names(lab, monkeypatch, kvm_opens, no_probe):
     monkeypatch.setattr(os, "geteuid", lambda: 0)
     names = [c.name for c in doctor.run_checks(lab)]
     assert names == ["qemu-system-x86_64", "qemu-img", "mmdebstrap", "mmdebstrap privileges",
-                     "mkfs.ext4", "ssh-keygen", "ssh", "python dependencies", "jupyterlab",
-                     "jupyter kernel 'uffdlab'", "cache disk", "accel"]
+                     "mkfs.ext4", "ssh-keygen", "ssh", "make", "gcc", "flex", "bison", "bc",
+                     "cpio", "libelf headers", "openssl headers", "python dependencies",
+                     "jupyterlab", "jupyter kernel 'uffdlab'", "cache disk", "accel"]

@@ -272,3 +272,33 @@ def test_notebook_30_is_stored_clean():
              if isinstance(t, ast.Name)}
     assert {"lab_path", "images", "size", "duration", "teardown"} <= names
     assert nb["metadata"]["kernelspec"]["name"] == "uffdlab"
+
+
+def test_my_kernel_notebook_code_path(layer, monkeypatch):
+    """40-my-kernel: the tree becomes image `mine`, is built, then compared
+    with a Debian kernel by run_matrix (the layers below faked)."""
+    monkeypatch.setitem(PROBES, "mine", TRIXIE)
+    lab = types.SimpleNamespace(images={})
+    calls = []
+    monkeypatch.setattr(api, "open_lab", lambda path=None: lab)
+    monkeypatch.setattr(api, "kernel_source", lambda lab, series, listener=None:
+                        calls.append(("source", series)) or "/cache/linux-source-6.12")
+    monkeypatch.setattr(api, "with_tree_kernel", lambda lab, tree, **kw:
+                        calls.append(("tree", tree, kw)) or lab)
+    monkeypatch.setattr(api, "build_kernel", lambda lab, image, listener=None: calls.append(
+        ("build", image)) or types.SimpleNamespace(meta={
+            "release": "6.12.117", "units": 1171, "seconds": 300.0, "compiler": "gcc 12",
+            "key": "abc"}))
+    shown = run_notebook(NOTEBOOKS / "40-my-kernel.ipynb", lab_path="lab.yml",
+                         compare_with="bookworm", fragments=["debug.config"],
+                         scenarios=["S3", "S10"], teardown=False)
+    *_, features, table, explanation = shown
+    assert calls == [("source", "6.12"),
+                     ("tree", "/cache/linux-source-6.12",
+                      {"name": "mine", "suite": "trixie", "base": "small",
+                       "config": ["debug.config"], "make_args": []}),
+                     ("build", "mine")]
+    assert any("mine" in str(c) for c in features.columns)
+    assert table.shape == (2, 2)
+    assert "WP_ASYNC" in explanation.data and "6.7" in explanation.data
+    assert {i for i, _, _ in layer.runs} == {"bookworm", "mine"}

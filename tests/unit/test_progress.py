@@ -205,6 +205,7 @@ class FakeProvisionVM:
 
     def __init__(self, lab, tmp_path: Path):
         self.name, self.lab, self.events = "vm1", lab, []
+        self.spec = lab.vms[next(iter(lab.vms))]
         self.key_path = tmp_path / "key"
         self.facts = None
         self.lock = threading.Lock()

@@ -64,6 +64,27 @@ HELP: dict[str, tuple[str, str]] = {
         "Each image of the lab file: suite, kernel release, size, recipe hash and whether "
         "it is built.",
         "uffdlab image list\nuffdlab image list --lab other.yml"),
+    "kernel": (
+        "Kernels built from a source tree (images.NAME.kernel.tree): out of tree under the "
+        "cache dir, with the lab's config fragments merged in. 'up', 'run' and "
+        "'image build' build them too; an unchanged tree is not built again.",
+        "uffdlab kernel build mine\nuffdlab kernel list"),
+    "kernel build": (
+        "Build the named images' kernels, or every tree kernel of the lab file: base "
+        "config, kvm_guest.config, images/local-kernel.config and the image's fragments, "
+        "merged, then olddefconfig, then bzImage and headers_install. Options the lab "
+        "needs that did not survive are named, with what each breaks. The build "
+        "directory persists, so a changed file rebuilds only what depends on it.",
+        "uffdlab kernel build mine\nuffdlab kernel build --force mine"),
+    "kernel source": (
+        "Unpack Debian's linux-source-SERIES package into the cache dir (once) and print "
+        "its path: a real kernel tree to try the loop on without a checkout of your own. "
+        "Copy it elsewhere before patching it.",
+        "uffdlab kernel source\nuffdlab kernel source 6.1"),
+    "kernel list": (
+        "Each tree kernel of the lab file: its tree, base config, release, cache key and "
+        "whether the tree's current state is built.",
+        "uffdlab kernel list"),
     "up": (
         "Boot a VM (the first of the lab file by default) and wait until SSH answers. With "
         "accel: auto, KVM is tried first and TCG used when KVM does not run guests; the "
@@ -113,11 +134,19 @@ HELP: dict[str, tuple[str, str]] = {
     "run": (
         "Run a catalogue scenario (an id like S3 or a name like multi-writer) on a VM, "
         "booting and provisioning it when needed, and store the run in the results "
-        "database. Parameters are checked before anything boots. Exit status: 0 the run "
-        "finished with the verdict its scenario expects, 1 it failed or timed out, 2 bad "
-        "input, 3 it finished with an unexpected verdict.",
+        "database. Parameters are checked before anything boots. --image NAME runs on a "
+        "VM of that image (shaped like the lab file's first VM of it) instead of --vm. "
+        "Exit status: 0 the run finished with the verdict its scenario expects, 1 it "
+        "failed or timed out, 2 bad input, 3 it finished with an unexpected verdict. "
+        "--bisect is for 'git bisect run': each step boots a fresh VM of --image with the "
+        "kernel built from its tree as it is now, and stops it after; it exits 0 good "
+        "(the expected verdict), 1 bad (the other verdict, or the run failed or timed "
+        "out), 125 skip (the kernel or image did not build, the VM did not boot or "
+        "provision, or the run gave no verdict) or 128 abort (bad input).",
         "uffdlab run --list\nuffdlab run S3 --param writers=8 --param size=256M\n"
-        "uffdlab run multi-writer --vm guest --timeout 300"),
+        "uffdlab run multi-writer --vm guest --timeout 300\n"
+        "uffdlab run S3 --image mine\n"
+        "git bisect run uffdlab run S3 --image mine --bisect"),
     "results": (
         "List the stored runs (the filters combine), or show one run in full with "
         "'uffdlab results show RUN'. In the table, a status marked (!) is a verdict other "
@@ -215,7 +244,16 @@ def _autocomplete(parser: argparse.ArgumentParser) -> None:
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     _autocomplete(parser)
-    args = parser.parse_args(argv)
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as e:
+        # a mistyped flag under `git bisect run` must stop the bisection, not
+        # mark every commit bad (bisect reads 2 as bad; 128 and up abort it)
+        bisecting = "--bisect" in (sys.argv[1:] if argv is None else argv)
+        if e.code == 2 and bisecting:
+            from .runs import EXIT_BISECT_ABORT
+            return EXIT_BISECT_ABORT
+        raise
     try:
         return args.func(args)
     except ConfigError as e:

@@ -46,15 +46,29 @@ def cmd_run(args) -> int:
         print("\ncommon parameters (--param k=v): " + ", ".join(
             f"{p.name} ({p.default})" for p in scenarios.COMMON.values()))
         return EXIT_OK
+    if args.bisect:
+        return _run_bisect(args)
     if not args.scenario:
         raise scenarios.ScenarioError("run: expected a scenario id or name (see --list)")
-    from ..api import run_and_store
+    from .. import api
     from ..runner import prepare
-    from ..vm import VM
-    vm = VM(lab_of(args), args.vm, Renderer())
+    _check_vm_choice(args)
+    vm = _run_vm(args, lab_of(args), fresh=False)
     params = parse_params(args.param)
     prepare(vm, args.scenario, params, args.timeout)     # fail before booting anything
-    res = run_and_store(vm, args.scenario, params, args.timeout)   # says where it went
+    res = api.run_and_store(vm, args.scenario, params, args.timeout)   # says where it went
+    _print_run(res)
+    if not res.status.ran:
+        return EXIT_FAIL
+    if res.as_expected is False:
+        print(f"  verdict differs from the scenario's expectation "
+              f"({'consistent' if res.expect_consistent else 'inconsistent'} on a correct "
+              f"kernel)", file=sys.stderr)
+        return EXIT_UNEXPECTED
+    return EXIT_OK
+
+
+def _print_run(res) -> None:
     s = res.summary or {}
     lat = s.get("fault_latency_us", {})
     print(f"run {res.run_id}: {res.scenario} ({res.scenario_name}) on {res.vm}, kernel "
@@ -66,14 +80,196 @@ def cmd_run(args) -> int:
               f"{s.get('mismatched_pages')} {s.get('mismatches_by_cause') or ''}")
     if res.error:
         print(f"  error: {res.error}", file=sys.stderr)
-    if not res.status.ran:
-        return EXIT_FAIL
-    if res.as_expected is False:
-        print(f"  verdict differs from the scenario's expectation "
-              f"({'consistent' if res.expect_consistent else 'inconsistent'} on a correct "
-              f"kernel)", file=sys.stderr)
-        return EXIT_UNEXPECTED
-    return EXIT_OK
+
+
+def _check_vm_choice(args) -> None:
+    """--image and --vm both name what to run on: one or the other."""
+    if args.image is not None and args.vm is not None:
+        raise argparse.ArgumentTypeError(
+            f"run: --image and --vm are mutually exclusive (a VM of that image, or that VM "
+            f"of the lab file); got --image {args.image} and --vm {args.vm}")
+
+
+def image_shape(lab, image: str) -> tuple[int, int]:
+    """(memory, cpus) of a VM of `image`: those of the lab file's first VM
+    that boots it, else a VM's defaults."""
+    from ..config import VMSpec
+    spec = next((v for v in lab.vms.values() if v.image == image), None)
+    if spec is None:
+        return VMSpec.model_fields["memory"].default, VMSpec.model_fields["cpus"].default
+    return spec.memory, spec.cpus
+
+
+def _run_vm(args, lab, fresh: bool):
+    """The VM `run` uses: one of --image's shape (with `fresh`, a VM of its
+    own, which the caller stops), else --vm or the lab file's first VM."""
+    from ..vm import VM
+    if args.image is None:
+        return VM(lab, args.vm, Renderer())
+    memory, cpus = image_shape(lab, args.image)
+    return VM.for_shape(lab, args.image, memory, cpus, listener=Renderer(), fresh=fresh)
+
+
+# -- run --bisect: exit codes as `git bisect run` reads them ---------------------------
+# 0 good; 1 to 127 except 125 bad; 125 skip (this commit cannot be tested);
+# 128 and above stop the bisection (git bisect run aborts).
+EXIT_BISECT_GOOD = 0
+EXIT_BISECT_BAD = 1
+EXIT_BISECT_SKIP = 125
+EXIT_BISECT_ABORT = 128
+BISECT_WORDS = {EXIT_BISECT_GOOD: "good", EXIT_BISECT_BAD: "bad",
+                EXIT_BISECT_SKIP: "skip", EXIT_BISECT_ABORT: "abort"}
+
+
+def bisect_exit(outcome) -> tuple[int, str]:
+    """How `git bisect run` is to read one `uffdlab run --bisect`: (exit
+    code, why). `outcome` is the run's result (a RunResult), or the
+    exception that ended the command before there was one.
+
+    good  (0)   the run finished with the verdict its scenario expects on a
+                correct kernel
+    bad   (1)   it finished with the other verdict, or it failed or timed
+                out on this kernel (a crash, a hang, the tool failing in the
+                guest)
+    skip  (125) this commit cannot be tested: its kernel or the image did
+                not build, the VM did not boot (a panic at boot included) or
+                could not be provisioned, the kernel lacks a feature the
+                scenario needs, or the run finished without a consistency
+                verdict (nothing to judge, so never good)
+    abort (128) the command line or the lab file is wrong (unknown scenario
+                or image, a bad --param, a lab file error), the scenario
+                expects no particular verdict, or uffdlab or this host failed
+                some other way: not this commit's doing, so no other commit
+                would fare better, and every step would be marked wrongly
+    """
+    if isinstance(outcome, BaseException):
+        return _bisect_error(outcome)
+    from ..model import Judgement, judge
+    res = outcome
+    what = f"{res.scenario} on kernel {res.kernel}"
+    j = judge(res.status, res.consistent, res.expect_consistent)
+    if j == Judgement.EXPECTED:
+        return EXIT_BISECT_GOOD, f"{what}: {_verdict(res.consistent)}, as on a correct kernel"
+    if j == Judgement.UNEXPECTED:
+        return EXIT_BISECT_BAD, (f"{what}: {_verdict(res.consistent)}, expected "
+                                 f"{_verdict(res.expect_consistent)} on a correct kernel")
+    if j == Judgement.UNFINISHED:
+        return EXIT_BISECT_BAD, (f"{what}: the run {res.status}"
+                                 + (f": {_first_line(res.error)}" if res.error else ""))
+    if j == Judgement.UNVERIFIED:
+        return EXIT_BISECT_SKIP, f"{what}: the run finished without a consistency verdict"
+    return EXIT_BISECT_ABORT, (f"{res.scenario} expects no particular verdict on a correct "
+                               f"kernel: nothing tells good from bad")
+
+
+def _bisect_error(e: BaseException) -> tuple[int, str]:
+    from ..config import ConfigError
+    from ..images import ImageError
+    from ..kernel import KernelError
+    from ..provision import ProvisionError
+    from ..scenarios import MissingFeature, ScenarioError
+    from ..ssh import SSHError
+    from ..template import TemplateError
+    from ..vm import VMError
+    untestable = ((KernelError, "kernel build failed"), (ImageError, "image build failed"),
+                  (VMError, "boot failed"), (SSHError, "SSH to the VM failed"),
+                  (ProvisionError, "provisioning failed"), (TemplateError, "template failed"),
+                  (MissingFeature, "the kernel cannot run the scenario"))
+    for cls, what in untestable:
+        if isinstance(e, cls):
+            return EXIT_BISECT_SKIP, f"{what}: {_first_line(e)}"
+    if isinstance(e, ConfigError):
+        problems = getattr(e, "problems", None) or [e]
+        return EXIT_BISECT_ABORT, f"lab file error: {_first_line(problems[0])}"
+    if isinstance(e, (ScenarioError, argparse.ArgumentTypeError)):
+        return EXIT_BISECT_ABORT, f"bad input: {_first_line(e)}"
+    return EXIT_BISECT_ABORT, (f"{type(e).__name__}: {_first_line(e)} (uffdlab or this host "
+                               f"failed, not this commit: fix that, then git bisect run again)")
+
+
+def _verdict(consistent) -> str:
+    return "consistent" if consistent else "inconsistent"
+
+
+def _first_line(text) -> str:
+    """A message's first line; one that ends in ':' with the line it announces."""
+    lines = [line.strip() for line in str(text).strip().splitlines() if line.strip()]
+    if len(lines) > 1 and lines[0].endswith(":"):
+        return f"{lines[0]} {lines[1]}"
+    return lines[0] if lines else ""
+
+
+def _report_error(e: BaseException) -> None:
+    """An error on stderr, as main() prints it."""
+    import os
+    import traceback
+
+    from ..config import ConfigError
+    from ..scenarios import ScenarioError
+    if isinstance(e, ConfigError):
+        print("\n".join(e.problems), file=sys.stderr)
+    elif isinstance(e, (ScenarioError, argparse.ArgumentTypeError)):
+        print(f"uffdlab: {e}", file=sys.stderr)
+    else:
+        if os.environ.get("UFFDLAB_DEBUG"):
+            traceback.print_exception(e, file=sys.stderr)
+        print(f"uffdlab: {type(e).__name__}: {e}", file=sys.stderr)
+
+
+def _run_bisect(args) -> int:
+    """`run --bisect`, one step of `git bisect run`: a fresh VM of --image
+    boots the kernel built from its tree as it is now (this commit), runs
+    the scenario, and is stopped whatever happened. The exit code is
+    bisect_exit's; the last line on stderr says which it is and why."""
+    from .. import api
+    from ..runner import prepare
+    from ..scenarios import ScenarioError
+    vm = None
+    try:
+        try:
+            if not args.scenario:
+                raise ScenarioError("run: expected a scenario id or name (see --list)")
+            if args.image is None:
+                raise argparse.ArgumentTypeError(
+                    "run --bisect: expected --image NAME, the image whose kernel tree is "
+                    "being bisected (each step boots a fresh VM of it)")
+            _check_vm_choice(args)
+            lab = lab_of(args)
+            vm = _run_vm(args, lab, fresh=True)
+            params = parse_params(args.param)
+            prep = prepare(vm, args.scenario, params, args.timeout)   # before building
+            if prep.scenario.expect_consistent is None:
+                raise ScenarioError(f"run --bisect: {prep.scenario.id} expects no particular "
+                                    f"verdict on a correct kernel, so no run of it is good "
+                                    f"or bad; bisect a scenario that expects one (see --list)")
+            if not lab.image_spec(args.image).kernel.is_local:
+                print(f"bisect: note: image {args.image} boots a packaged kernel, the same "
+                      f"at every step; a kernel to bisect is a tree (kernel.tree)",
+                      file=sys.stderr)
+            # Build (the tree's kernel at this commit), boot and provision first:
+            # their failures mean this commit cannot be tested, not that it is bad.
+            api.ready(vm)
+            outcome = api.run_and_store(vm, args.scenario, params, args.timeout)
+            _print_run(outcome)
+        except Exception as e:            # KeyboardInterrupt goes on: main() exits 130
+            _report_error(e)
+            outcome = e
+    finally:
+        if vm is not None:
+            _stop(vm)
+    code, why = bisect_exit(outcome)
+    print(f"bisect: {BISECT_WORDS[code]} ({code}): {why}", file=sys.stderr)
+    return code
+
+
+def _stop(vm) -> None:
+    """Stop the step's own VM; a VM that will not stop is said, not fatal
+    (the verdict stands)."""
+    try:
+        vm.down()
+    except Exception as e:
+        print(f"uffdlab: could not stop VM {vm.name}: {type(e).__name__}: {e} "
+              f"('uffdlab down --all' stops it)", file=sys.stderr)
 
 
 def _last_arg(text: str) -> int:
@@ -327,10 +523,17 @@ def register(sub) -> None:
     r = sub.add_parser("run", help="run a catalogue scenario (S1..S10 or its name)")
     r.add_argument("scenario", nargs="?")
     r.add_argument("--vm", help="VM to run on (the first in lab.yml by default)")
+    r.add_argument("--image", metavar="NAME",
+                   help="run on a VM of this image instead, shaped like lab.yml's first VM "
+                   "of it (not with --vm)")
     r.add_argument("--param", action="append", default=[], metavar="K=V",
                    help="scenario parameter, repeatable (see --list)")
     r.add_argument("--timeout", type=float, help="seconds (default: duration + 90)")
     r.add_argument("--list", action="store_true", help="print the catalogue")
+    r.add_argument("--bisect", action="store_true",
+                   help="for `git bisect run`: a fresh VM of --image, stopped after; exit 0 "
+                   "verdict as expected, 1 not (or the run failed), 125 the kernel or image "
+                   "did not build, boot or provision (skip), 128 bad input (abort)")
     r.set_defaults(func=cmd_run)
 
     q = sub.add_parser("results", help="stored runs: a table, or one run in full (show RUN)")

@@ -37,6 +37,47 @@ def cmd_image_list(args) -> int:
     return EXIT_OK
 
 
+# -- kernel ----------------------------------------------------------------
+def cmd_kernel_build(args) -> int:
+    from ..kernel import KernelStore
+    lab = lab_of(args)
+    store = KernelStore(lab, Renderer())
+    names = args.names or [n for n, s in lab.images.items() if s.kernel.is_tree]
+    if not names:
+        raise ConfigError([f"{lab.source}: images: no image has a kernel 'tree' to build "
+                           f"(images.NAME.kernel.tree: PATH)"])
+    for name in names:
+        store.tree(name)                          # every name checked before any build
+    for name in names:
+        t = time.monotonic()
+        built = store.build(name, force=args.force)
+        print(f"{name}: {built.bzimage} (kernel {built.meta['release']}, "
+              f"{time.monotonic() - t:.1f} s)")
+    return EXIT_OK
+
+
+def cmd_kernel_list(args) -> int:
+    from ..kernel import KernelStore
+    lab = lab_of(args)
+    store = KernelStore(lab)
+    rows = []
+    for name, spec in lab.images.items():
+        if spec.kernel.is_tree:
+            built = store.current(name)
+            done = built.bzimage.is_file()
+            rows.append([name, str(store.tree(name)), spec.kernel.base,
+                         built.meta["release"] if done else "", built.dir.name,
+                         "yes" if done else "no"])
+    table(["image", "tree", "base", "release", "key", "built"], rows)
+    return EXIT_OK
+
+
+def cmd_kernel_source(args) -> int:
+    from ..kernel import debian_source
+    print(debian_source(lab_of(args), args.series, Renderer()))
+    return EXIT_OK
+
+
 # -- VMs ------------------------------------------------------------------
 def cmd_up(args) -> int:
     from ..vm import VM
@@ -197,6 +238,18 @@ def register(sub) -> None:
     b.set_defaults(func=cmd_image_build)
     isub.add_parser("list", help="images with suite, kernel, size, hash").set_defaults(
         func=cmd_image_list)
+
+    ker = sub.add_parser("kernel", help="build kernels from source trees (kernel.tree)")
+    ksub = ker.add_subparsers(dest="kernel_command", required=True, metavar="ACTION")
+    kb = ksub.add_parser("build", help="build tree kernels (all when no image is given)")
+    kb.add_argument("names", nargs="*", metavar="IMAGE")
+    kb.add_argument("--force", action="store_true", help="rebuild even if cached")
+    kb.set_defaults(func=cmd_kernel_build)
+    ksub.add_parser("list", help="tree kernels with base, release, key").set_defaults(
+        func=cmd_kernel_list)
+    ks = ksub.add_parser("source", help="unpack Debian's linux-source package as a tree")
+    ks.add_argument("series", nargs="?", default="6.12", help="kernel series (default 6.12)")
+    ks.set_defaults(func=cmd_kernel_source)
 
     up = sub.add_parser("up", help="boot a VM (the first in lab.yml by default)")
     up.add_argument("vm", nargs="?")
