@@ -349,8 +349,16 @@ def debian_source(lab: Lab, series: str = "6.12", listener: Listener | None = No
     try:
         ev.emit(Kind.BUILDING, f"apt-get download linux-source-{series}")
         with open(scratch / "log", "w") as logf:
-            _run(["apt-get", "download", f"linux-source-{series}"], logf,
-                 f"apt-get download linux-source-{series}", cwd=scratch)
+            download = ["apt-get", "download", f"linux-source-{series}"]
+            try:
+                _run(download, logf, " ".join(download), cwd=scratch)
+            except KernelError:
+                if os.geteuid() != 0:           # apt's lists may just be old or absent
+                    raise KernelError(f"{' '.join(download)} failed; is the package known "
+                                      f"to apt ('apt-get update')?") from None
+                ev.emit(Kind.BUILDING, "apt-get update, then downloading again")
+                _run(["apt-get", "update", "-q"], logf, "apt-get update")
+                _run(download, logf, " ".join(download), cwd=scratch)
             debs = sorted(scratch.glob("*.deb"))
             _run(["dpkg-deb", "-x", str(debs[0]), str(scratch / "deb")], logf, "dpkg-deb -x")
             ev.emit(Kind.BUILDING, f"unpacking {debs[0].name}")

@@ -70,6 +70,7 @@ class VMState:
     memory: int
     cpus: int
     cmdline: str = ""               # the guest kernel's extra command line
+    kernel: str = ""                # a local or tree kernel's digest ("" packaged)
     template: str | None = None     # the template it was restored from
     ssh_ready: bool = False
     boot_seconds: float | None = None
@@ -105,7 +106,7 @@ class VMState:
 
     def shape(self) -> dict:
         return {"image key": self.image_key, "memory": self.memory, "cpus": self.cpus,
-                "kernel command line": self.cmdline}
+                "kernel command line": self.cmdline, "kernel": self.kernel}
 
     def save(self, path: Path) -> None:
         tmp = path.with_suffix(".tmp")
@@ -376,7 +377,8 @@ class VM(Emitter):
         """A running VM is reused only if it is the VM that was asked for."""
         img = self.image()
         wanted = {"image key": img.key, "memory": self.spec.memory, "cpus": self.spec.cpus,
-                  "kernel command line": self.kernel_cmdline(img)}
+                  "kernel command line": self.kernel_cmdline(img),
+                  "kernel": kernel_digest(img)}
         have = st.shape()
         diff = [f"{k} {_show(k, have[k])} (asked for {_show(k, v)})"
                 for k, v in wanted.items() if have[k] != v]
@@ -418,7 +420,8 @@ class VM(Emitter):
             st = VMState(self.name, img.name, img.key, img.kernel_release, choice.accel,
                          choice.reason, port, keeper_id.to_dict(), qemu_id.to_dict(),
                          started, img.host_pubkey, self.spec.memory, self.spec.cpus,
-                         cmdline=cmd.cmdline, lab=str(self.lab.source.resolve()))
+                         cmdline=cmd.cmdline, kernel=kernel_digest(img),
+                         lab=str(self.lab.source.resolve()))
             st.save(self.state_file)
             steps = {"start": time.time() - started}     # where a restore's seconds go
             try:
@@ -667,7 +670,16 @@ def sync_clock(s: Session, tolerance: float = CLOCK_TOLERANCE) -> float:
 
 
 def _show(key: str, value) -> str:
+    if key == "kernel":                 # a digest: its start is enough to tell
+        return f"build {value[:12]}" if value else "packaged"
     return format_size(value) if key == "memory" else repr(value)
+
+
+def kernel_digest(img: Image) -> str:
+    """What tells one build of a local or tree kernel from the next (a
+    rebuilt tree, or a new bzImage at the same path): its content hash.
+    A packaged kernel is part of the image key already."""
+    return file_digest(img.vmlinuz)[:16] if img.spec.kernel.is_local else ""
 
 
 def all_vms(lab: Lab, listener: Listener | None = None) -> list[VM]:

@@ -20,7 +20,7 @@ from uffdlab import accel, cli
 from uffdlab.api import vm_for
 from uffdlab.config import load_lab
 from uffdlab.owned import MARKER, NotOursError, ProcessId, make_vm_dir, remove_vm_dir, start_time
-from uffdlab.vm import VM, VMError, VMState, lab_vms_dir
+from uffdlab.vm import VM, VMError, VMState, kernel_digest, lab_vms_dir
 
 from .labs import guest_lab
 
@@ -185,6 +185,25 @@ def test_reuse_refuses_a_running_vm_of_another_shape(tmp_path, sleeper):
     with pytest.raises(VMError, match=r"memory 512M \(asked for 1G\)"):
         big.up(reuse=True)
     assert small.up(reuse=True).memory == 512 << 20
+
+
+def test_reuse_refuses_a_vm_running_an_older_build_of_its_local_kernel(tmp_path, sleeper):
+    """A rebuilt tree (or a new bzImage at the same path) is a new kernel: the
+    VM still running the old one is not silently reused."""
+    bzimage = tmp_path / "bzImage"
+    bzimage.write_bytes(b"\0" * 0x202 + b"HdrS" + b"build one")
+    path = tmp_path / "lab.yml"
+    path.write_text(guest_lab(tmp_path / "cache").replace(
+        "    suite: trixie\n", f"    suite: trixie\n    kernel: {{vmlinuz: {bzimage}, "
+        f"initrd: null}}\n"))
+    vm = VM(load_lab(path), "guest")
+    st = fake_running(vm, sleeper(str(vm.dir)))
+    st.kernel = kernel_digest(vm.image())
+    st.save(vm.state_file)
+    assert vm.up(reuse=True).kernel == st.kernel            # the same build: reused
+    bzimage.write_bytes(b"\0" * 0x202 + b"HdrS" + b"build two")
+    with pytest.raises(VMError, match=rf"kernel build {st.kernel[:12]} \(asked for build "):
+        VM(load_lab(path), "guest").up(reuse=True)
 
 
 # -- accel: a dry run starts nothing ----------------------------------------------
