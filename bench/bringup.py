@@ -262,7 +262,7 @@ def main(argv: list[str] | None = None) -> int:
         log(f"accel {choice.accel}: {choice.reason}")
         img = vm.image()
         release = img.kernel_release
-        cmdline = " ".join(p for p in (GUEST_CMDLINE, img.kernel_cmdline, spec.cmdline) if p)
+        cmdline = " ".join((GUEST_CMDLINE, vm.kernel_cmdline(img)))
         bare_boot = BareBoot(private / "bare", choice.accel, spec.memory >> 20, spec.cpus,
                              img.vmlinuz, img.initrd, cmdline, img.base)
 

@@ -5,9 +5,9 @@
 # ext4 image. Runs outside the chroot (inside mmdebstrap's namespace when it
 # builds without root), so file ownership in the image is the guest's own.
 #
-#   customize.sh ROOTFS OUT_DIR LAB_PUBKEY HOSTKEY DISK_SIZE
+#   customize.sh ROOTFS OUT_DIR HOSTKEY DISK_SIZE
 set -eu
-root=$1 out=$2 lab_pubkey=$3 hostkey=$4 disk_size=$5
+root=$1 out=$2 hostkey=$3 disk_size=$4
 
 echo "uffdlab" > "$root/etc/hostname"
 printf '127.0.0.1 localhost\n127.0.1.1 uffdlab\n' > "$root/etc/hosts"
@@ -26,11 +26,48 @@ NET
 ln -sf /lib/systemd/system/systemd-networkd.service \
     "$root/etc/systemd/system/multi-user.target.wants/systemd-networkd.service"
 
-# Only the lab's key logs in, and only the pinned host key is offered.
+# Only the lab's key logs in, and only the pinned host key is offered. The
+# key is not baked in: it comes on the kernel command line
+# (uffdlab.authkey=BASE64, an ed25519 public key), so one image serves any
+# lab's key and can be exported to a colleague's lab.
 mkdir -p "$root/root/.ssh"
 chmod 0700 "$root/root/.ssh"
-cp "$lab_pubkey" "$root/root/.ssh/authorized_keys"
-chmod 0600 "$root/root/.ssh/authorized_keys"
+mkdir -p "$root/usr/local/sbin"
+cat > "$root/usr/local/sbin/uffdlab-authkey" <<'AUTHKEY'
+#!/bin/sh
+# Install the lab's SSH key from the kernel command line (uffdlab.authkey=).
+set -eu
+key=
+for word in $(cat /proc/cmdline); do
+    case $word in uffdlab.authkey=*) key=${word#uffdlab.authkey=} ;; esac
+done
+case $key in
+    "" | *[!A-Za-z0-9+/=]*) echo "uffdlab-authkey: no usable uffdlab.authkey=" >&2; exit 0 ;;
+esac
+umask 077
+printf 'ssh-ed25519 %s uffdlab\n' "$key" > /root/.ssh/authorized_keys.new
+mv /root/.ssh/authorized_keys.new /root/.ssh/authorized_keys
+AUTHKEY
+chmod 0755 "$root/usr/local/sbin/uffdlab-authkey"
+cat > "$root/etc/systemd/system/uffdlab-authkey.service" <<'UNIT'
+[Unit]
+Description=uffd-lab: the lab's SSH key from the kernel command line
+Before=ssh.service ssh.socket
+After=local-fs.target
+
+[Service]
+Type=oneshot
+ExecStart=/usr/local/sbin/uffdlab-authkey
+
+[Install]
+WantedBy=multi-user.target
+UNIT
+mkdir -p "$root/etc/systemd/system/multi-user.target.wants" \
+         "$root/etc/systemd/system/ssh.service.wants"
+for dir in multi-user.target.wants ssh.service.wants; do
+    ln -sf /etc/systemd/system/uffdlab-authkey.service \
+        "$root/etc/systemd/system/$dir/uffdlab-authkey.service"
+done
 rm -f "$root"/etc/ssh/ssh_host_*
 cp "$hostkey" "$root/etc/ssh/ssh_host_ed25519_key"
 cp "$hostkey.pub" "$root/etc/ssh/ssh_host_ed25519_key.pub"
@@ -61,6 +98,9 @@ fi
 # Headers the guest tools will build against, recorded for provenance.
 dpkg-query --admindir="$root/var/lib/dpkg" -W -f '${Version}' linux-libc-dev \
     > "$out/linux-libc-dev-version" 2>/dev/null || true
+# Every installed package's exact version: what lab.lock records.
+dpkg-query --admindir="$root/var/lib/dpkg" -W -f '${Package}\t${Version}\n' \
+    | LC_ALL=C sort > "$out/manifest.tsv"
 
 # /proc, /sys and /dev are still mounted here; mkfs.ext4 -d cannot skip
 # them, so pack a copy that stays on the root file system.

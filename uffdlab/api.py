@@ -13,13 +13,15 @@ from .events import Listener
 from .kernel import KernelBuild, KernelStore, debian_source
 from .matrix import run_matrix
 from .provision import ensure_provisioned
+from .rerun import Comparison, plan_rerun, rerun
 from .runner import Prepared, prepare, run_and_store
 from .scenarios import for_strategy
 from .sweep import PointResult, SweepIndex
 from .vm import VM, VMState
 
 __all__ = ["open_lab", "vm_for", "ready", "plan_run", "run_and_store", "run_matrix",
-           "with_tree_kernel", "build_kernel", "kernel_source", "PointResult", "SweepIndex"]
+           "with_tree_kernel", "build_kernel", "kernel_source", "plan_rerun", "rerun",
+           "compare_runs", "PointResult", "SweepIndex"]
 
 
 def open_lab(path: str | Path | None = None) -> Lab:
@@ -44,6 +46,11 @@ def build_kernel(lab: Lab, image: str, listener: Listener | None = None) -> Kern
     """Build the image's kernel from its tree (a no-op when the tree and
     config are unchanged); `up` does this too."""
     return KernelStore(lab, listener).build(image)
+
+
+def compare_runs(original: dict, repeats: list) -> Comparison:
+    """A stored run (plan_rerun's) against its repeats: verdict and spread."""
+    return Comparison(original, list(repeats))
 
 
 # Debian's linux-source-SERIES unpacked under the cache dir: a real tree.

@@ -27,12 +27,27 @@ from pathlib import Path
 from .config import ConfigError, ImageSpec, Lab, check_cache_dir, format_size
 from .events import Emitter, Listener
 from .keys import LabKeys
+from .lock import (
+    Lock,
+    LockedImage,
+    apt_pins,
+    drift,
+    lock_path,
+    python_environment,
+    read_lock,
+    read_manifest,
+)
 from .model import Kind
 from .paths import IMAGES as IMAGES_DIR
+from .tools import tools_digest
 
 CUSTOMIZE = IMAGES_DIR / "customize.sh"
 # Bump when the way images are built changes, so caches rebuild.
-RECIPE_VERSION = 1
+# 2: the lab's SSH key comes on the kernel command line, not baked in.
+RECIPE_VERSION = 2
+# The files whose content is the image: content_hash() covers them all.
+CONTENT_FILES = ("base.qcow2", "vmlinuz", "initrd.img", "ssh_host_ed25519_key.pub",
+                 "manifest.tsv")
 BASE_PACKAGES = ("systemd-sysv", "udev", "kmod", "procps", "iproute2",
                  "openssh-server", "python3", "gcc", "make", "libc6-dev",
                  "linux-libc-dev", "initramfs-tools")
@@ -82,6 +97,15 @@ class Image:
         return " ".join((self.dir / "ssh_host_ed25519_key.pub").read_text().split()[:2])
 
     @property
+    def packages(self) -> dict[str, str]:
+        """Every installed package and its version (manifest.tsv)."""
+        return read_manifest(self.dir / "manifest.tsv")
+
+    @property
+    def content_hash(self) -> str:
+        return self.meta.get("content_hash") or content_hash(self.dir)
+
+    @property
     def kernel_release(self) -> str:
         if self.spec.kernel.is_local:
             return bzimage_release(self.vmlinuz) or (
@@ -114,9 +138,11 @@ def bzimage_release(path: Path) -> str | None:
     return text.split(" ")[0] or None
 
 
-def recipe(spec: ImageSpec, lab_pubkey: str) -> dict:
+def recipe(spec: ImageSpec) -> dict:
     """Everything that decides the rootfs's content. A local kernel does not
-    change the rootfs: it boots the packaged image's disk."""
+    change the rootfs: it boots the packaged image's disk. Neither does the
+    lab's SSH key (the guest reads it from the kernel command line), so an
+    image can be carried to another lab (`uffdlab image export`)."""
     return {
         "version": RECIPE_VERSION,
         "suite": spec.suite,
@@ -125,7 +151,6 @@ def recipe(spec: ImageSpec, lab_pubkey: str) -> dict:
         "disk_size": spec.disk_size,
         "dpkg_opts": list(DPKG_OPTS),
         "customize_sha256": hashlib.sha256(CUSTOMIZE.read_bytes()).hexdigest(),
-        "lab_pubkey": lab_pubkey,
     }
 
 
@@ -137,26 +162,53 @@ def recipe_key(rec: dict) -> str:
 # mmdebstrap runs a hook as `env MMDEBSTRAP_... sh -c HOOK exec ROOT`, so the
 # caller's environment reaches it: paths travel as variables, so the hook text is a constant
 # and no path is ever parsed by a shell.
-CUSTOMIZE_HOOK = ('sh "$UFFDLAB_CUSTOMIZE" "$1" "$UFFDLAB_OUT" "$UFFDLAB_LAB_PUBKEY" '
-                  '"$UFFDLAB_HOSTKEY" "$UFFDLAB_DISK_SIZE"')
+CUSTOMIZE_HOOK = ('sh "$UFFDLAB_CUSTOMIZE" "$1" "$UFFDLAB_OUT" "$UFFDLAB_HOSTKEY" '
+                  '"$UFFDLAB_DISK_SIZE"')
+# With a lab.lock, its versions are pinned for apt before anything is installed.
+PIN_HOOK = ('mkdir -p "$1/etc/apt/preferences.d" && '
+            'cp "$UFFDLAB_PINS" "$1/etc/apt/preferences.d/uffdlab-lock"')
 
 
-def mmdebstrap_env(rec: dict, out: Path, lab_pubkey: Path, hostkey: Path) -> dict[str, str]:
-    """The variables CUSTOMIZE_HOOK reads, to add to mmdebstrap's environment."""
-    return {"UFFDLAB_CUSTOMIZE": str(CUSTOMIZE), "UFFDLAB_OUT": str(out),
-            "UFFDLAB_LAB_PUBKEY": str(lab_pubkey), "UFFDLAB_HOSTKEY": str(hostkey),
-            "UFFDLAB_DISK_SIZE": f'{int(rec["disk_size"]) // (1 << 20)}M'}
+def mmdebstrap_env(rec: dict, out: Path, hostkey: Path,
+                   pins: Path | None = None) -> dict[str, str]:
+    """The variables the hooks read, to add to mmdebstrap's environment."""
+    env = {"UFFDLAB_CUSTOMIZE": str(CUSTOMIZE), "UFFDLAB_OUT": str(out),
+           "UFFDLAB_HOSTKEY": str(hostkey),
+           "UFFDLAB_DISK_SIZE": f'{int(rec["disk_size"]) // (1 << 20)}M'}
+    if pins is not None:
+        env["UFFDLAB_PINS"] = str(pins)
+    return env
 
 
-def mmdebstrap_argv(rec: dict, out: Path, lab_pubkey: Path, hostkey: Path) -> list[str]:
+def mmdebstrap_argv(rec: dict, pinned: bool = False) -> list[str]:
     """The whole build is one mmdebstrap call; no mirror is named, so it uses
     Debian's default. Run it with mmdebstrap_env() added to the environment."""
-    hook = CUSTOMIZE_HOOK
     argv = ["mmdebstrap", "--variant=apt", "--mode=auto", "--format=null",
             "--include=" + ",".join(rec["packages"] + [rec["kernel_package"]])]
     argv += [f"--dpkgopt={o}" for o in rec["dpkg_opts"]]
-    argv += [f"--customize-hook={hook}", rec["suite"], "/dev/null"]
+    if pinned:
+        argv.append(f"--setup-hook={PIN_HOOK}")
+    argv += [f"--customize-hook={CUSTOMIZE_HOOK}", rec["suite"], "/dev/null"]
     return argv
+
+
+def content_hash(directory: Path) -> str:
+    """The image's identity: a hash over its CONTENT_FILES (names and
+    contents). Two caches holding the same image agree on it."""
+    h = hashlib.sha256()
+    for name in CONTENT_FILES:
+        path = directory / name
+        if path.exists():
+            h.update(f"{name}\0{_file_sha256(path)}\n".encode())
+    return h.hexdigest()[:32]
+
+
+def _file_sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 20):
+            h.update(chunk)
+    return h.hexdigest()
 
 
 class ImageStore:
@@ -171,7 +223,7 @@ class ImageStore:
 
     def image(self, name: str) -> Image:
         spec = self.lab.image_spec(name)
-        key = recipe_key(recipe(spec, self.keys.public_key()))
+        key = recipe_key(recipe(spec))
         d = self.root / key
         if spec.kernel.is_tree:                  # built on demand: see build()
             from .kernel import KernelStore
@@ -193,30 +245,60 @@ class ImageStore:
             vmlinuz, initrd = d / "vmlinuz", d / "initrd.img"
         return Image(name, spec, key, d, vmlinuz, initrd, spec.kernel.cmdline)
 
-    def build(self, name: str, force: bool = False) -> Image:
+    def build(self, name: str, force: bool = False, locked: bool = False) -> Image:
         """Build the image unless an identical recipe is already cached, and
-        the kernel of a tree unless its sources and config are."""
-        img = self._build_rootfs(name, force)
+        the kernel of a tree unless its sources and config are. With a
+        lab.lock, its versions are pinned and what drifted is reported;
+        `locked` makes drift an error that caches nothing."""
+        img = self._build_rootfs(name, force, locked)
         if img.spec.kernel.is_tree:
             from .kernel import KernelStore
             KernelStore(self.lab, self.listener).build(name, force)
         return img
 
-    def _build_rootfs(self, name: str, force: bool) -> Image:
+    def _pins(self, name: str) -> dict[str, str] | None:
+        """The package versions lab.lock holds for this image, if any."""
+        lock = read_lock(self.lab.source)
+        entry = lock.images.get(name) if lock else None
+        return entry.packages if entry else None
+
+    def _fits(self, img: Image, pins: dict[str, str] | None, locked: bool) -> bool:
+        """Whether the cached image is what the lock asks for: its packages,
+        or (not `locked`) the closest build to them, one built against
+        exactly these pins."""
+        if pins is None or img.packages == pins:
+            return True
+        return not locked and img.meta.get("pins") == _pins_digest(pins)
+
+    def _build_rootfs(self, name: str, force: bool, locked: bool) -> Image:
         img = self.image(name)
         ev = Emitter(name, self.listener)
-        if img.built and not force:
+        pins = self._pins(name)
+        if locked and pins is None:
+            raise ImageError(f"image {name}: --locked, but {lock_path(self.lab.source)} has "
+                             f"no entry for it ('uffdlab lock' writes one)")
+        if img.built and not force and self._fits(img, pins, locked):
             return img
         self.root.mkdir(parents=True, exist_ok=True)
         with open(self.root / f".{img.key}.lock", "w") as lock:
             fcntl.flock(lock, fcntl.LOCK_EX)      # a concurrent builder finishes first
-            if img.built and not force:
-                return img
-            self._build_locked(img, ev)
+            if not (img.built and not force and self._fits(img, pins, locked)):
+                self._build_locked(img, ev, pins, locked)
+        self._record_in_lock(img)
         return img
 
-    def _build_locked(self, img: Image, ev: Emitter) -> None:
-        rec = recipe(img.spec, self.keys.public_key())
+    def _record_in_lock(self, img: Image) -> None:
+        """A build without a lock writes one; a lock without this image gains it."""
+        path = lock_path(self.lab.source)
+        lock = read_lock(self.lab.source) or Lock(guest_tools=tools_digest(),
+                                                  python=python_environment())
+        if img.name not in lock.images:
+            lock.images[img.name] = locked_image(img)
+            lock.save(path)
+
+    def _build_locked(self, img: Image, ev: Emitter, pins: dict[str, str] | None,
+                      locked: bool) -> None:
+        rec = recipe(img.spec)
         scratch = self.root / f".build-{img.key}-{os.getpid()}"
         shutil.rmtree(scratch, ignore_errors=True)
         scratch.mkdir(parents=True)
@@ -228,11 +310,28 @@ class ImageStore:
             hostkey = scratch / "ssh_host_ed25519_key"
             _run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-C",
                   f"uffdlab-{img.name}", "-f", str(hostkey)], "ssh-keygen")
-            argv = mmdebstrap_argv(rec, scratch, self.keys.public_path, hostkey)
-            env = {**os.environ,
-                   **mmdebstrap_env(rec, scratch, self.keys.public_path, hostkey)}
-            ev.emit(Kind.BUILDING, f"mmdebstrap {rec['suite']} with {rec['kernel_package']}")
+            pin_file = None
+            if pins is not None:
+                pin_file = scratch / "apt-pins"
+                pin_file.write_text(apt_pins(pins))
+            argv = mmdebstrap_argv(rec, pinned=pin_file is not None)
+            env = {**os.environ, **mmdebstrap_env(rec, scratch, hostkey, pin_file)}
+            ev.emit(Kind.BUILDING, f"mmdebstrap {rec['suite']} with {rec['kernel_package']}"
+                    + (f", {len(pins)} package versions pinned by lab.lock" if pins else ""))
             self._mmdebstrap(argv, log, ev, env)
+            if pin_file is not None:
+                pin_file.unlink()
+            drifted = drift(pins, read_manifest(scratch / "manifest.tsv")) if pins else []
+            if drifted and locked:
+                raise ImageError(f"image {img.name}: {len(drifted)} packages differ from "
+                                 f"{lock_path(self.lab.source).name} (--locked):\n  "
+                                 + "\n  ".join(map(str, drifted)))
+            if drifted:
+                ev.emit(Kind.BUILDING, f"{len(drifted)} packages drifted from "
+                        f"{lock_path(self.lab.source).name}: "
+                        + "; ".join(map(str, drifted[:10]))
+                        + (" ..." if len(drifted) > 10 else ""),
+                        drift=[str(d) for d in drifted])
             ev.emit(Kind.BUILDING, "converting to qcow2")
             _run(["qemu-img", "convert", "-O", "qcow2", str(scratch / "rootfs.raw"),
                   str(scratch / "base.qcow2")], "qemu-img convert")
@@ -243,6 +342,9 @@ class ImageStore:
                 "suite": rec["suite"], "kernel_package": rec["kernel_package"],
                 "kernel_release": (scratch / "kernel-release").read_text().strip(),
                 "linux_libc_dev": _read(scratch / "linux-libc-dev-version"),
+                "content_hash": content_hash(scratch),
+                "pins": _pins_digest(pins) if pins is not None else None,
+                "drift": [str(d) for d in drifted],
                 "built_at": time.time(),
                 "build_seconds": round(time.monotonic() - started, 1),
             }
@@ -344,6 +446,19 @@ class ImageStore:
 
 def format_size_mb(nbytes: int) -> str:
     return f"{nbytes / (1 << 20):.0f} MiB" if nbytes < (1 << 30) else format_size(nbytes)
+
+
+def _pins_digest(pins: dict[str, str]) -> str:
+    return hashlib.sha256(json.dumps(pins, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def locked_image(img: Image) -> LockedImage:
+    """What lab.lock keeps of a built image."""
+    meta = img.meta
+    return LockedImage(suite=img.spec.suite, recipe_key=img.key,
+                       kernel_release=meta["kernel_release"],
+                       content_hash=meta.get("content_hash") or content_hash(img.dir),
+                       packages=img.packages)
 
 
 def _read(p: Path) -> str:

@@ -130,6 +130,14 @@ class RunResult:
     jsonl: str = ""                 # the raw JSON Lines
     stderr: str = ""
     serial_log: str | None = None   # kept for failed runs
+    # what reproduces it: lab.lock's digest (None without a lock), the image's
+    # content hash (+ the kernel's digest for a local or tree kernel), the
+    # guest tools' digest, the QEMU version; and the run it repeats
+    lock_hash: str | None = None
+    image_content: str | None = None
+    tools_digest: str | None = None
+    qemu: str | None = None
+    rerun_of: str | None = None
 
     @property
     def consistent(self) -> bool | None:

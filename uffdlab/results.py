@@ -212,19 +212,30 @@ _V2 = [
     "CREATE INDEX IF NOT EXISTS runs_vm ON runs(vm, started)",
 ]
 
+# v3: what reproduces a run (lab.lock's digest, the image's content hash, the
+# guest tools' digest, the QEMU version) and the run it repeats (`rerun`).
+_V3_FIELDS = ("lock_hash", "image_content", "tools_digest", "qemu", "rerun_of")
+_V3 = [
+    *(f"ALTER TABLE runs ADD COLUMN {c} TEXT" for c in _V3_FIELDS),
+    "CREATE INDEX IF NOT EXISTS runs_rerun_of ON runs(rerun_of)",
+]
+
 # MIGRATIONS[i] upgrades a database at schema version i to version i + 1.
-MIGRATIONS: list[list[str]] = [_V1, _V2]
+MIGRATIONS: list[list[str]] = [_V1, _V2, _V3]
 SCHEMA_VERSION = len(MIGRATIONS)
 
 _RUN_FIELDS = ("run_id", "started", "lab", "vm", "image", "image_key", "kernel", "accel",
                "tools_version", "scenario", "scenario_name", "params", "command", "status",
                "duration_s", "exit_code", "error", "expect_consistent", "consistent",
-               *METRICS, "summary", "config")
+               *METRICS, *_V3_FIELDS, "summary", "config")
 # What runs() returns: everything in `runs` but the bulky JSON records.
 _LIST_FIELDS = tuple(f for f in _RUN_FIELDS if f not in ("summary", "config"))
 _TABLES = ("runs", "latency_hist", "faults", "mismatches", "logs")
-# The `runs` columns a database at schema v1 must have (v2 adds _V2_METRICS).
-_V1_COLUMNS = frozenset(f for f in _RUN_FIELDS if f not in _V2_METRICS)
+# The `runs` columns a database at schema v1 must have (v2 adds _V2_METRICS,
+# v3 _V3_FIELDS).
+_V1_COLUMNS = frozenset(f for f in _RUN_FIELDS if f not in _V2_METRICS
+                        and f not in _V3_FIELDS)
+_V2_COLUMNS = frozenset(f for f in _RUN_FIELDS if f not in _V3_FIELDS)
 
 
 # -- helpers ------------------------------------------------------------------
@@ -299,7 +310,7 @@ def _rows_for(fields: dict[str, Any]) -> tuple[dict, list, list, list, tuple]:
 
     run = {k: fields.get(k) for k in ("run_id", "lab", "vm", "image", "image_key", "kernel",
                                       "accel", "tools_version", "scenario", "scenario_name",
-                                      "command", "status", "error")}
+                                      "command", "status", "error", *_V3_FIELDS)}
     run.update(started=started, params=_dumps(params),
                duration_s=_num(fields.get("duration_s")),
                exit_code=_num(fields.get("exit_code")),
@@ -480,7 +491,8 @@ class ResultsDB:
             raise self._foreign(f"tables: {shown or 'none'}; user_version {version}")
         missing = [t for t in _TABLES if t not in tables]
         columns = {r[1] for r in conn.execute("PRAGMA table_info(runs)")}
-        need = _V1_COLUMNS if version < 2 else frozenset(_RUN_FIELDS)
+        need = (_V1_COLUMNS if version < 2 else _V2_COLUMNS if version < 3
+                else frozenset(_RUN_FIELDS))
         missing += sorted(f"runs.{c}" for c in need - columns)
         if missing:
             raise self._foreign(f"schema v{version} without {', '.join(missing[:5])}"

@@ -16,7 +16,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from . import scenarios
+from . import accel, scenarios
+from .lock import read_lock
 from .model import Kind, RunResult, Status
 from .provision import ensure_provisioned
 from .results import store_run
@@ -51,13 +52,28 @@ def prepare(vm: VM, scenario_key: str, params: dict[str, Any] | None = None,
 
 
 def run(vm: VM, scenario_key: str, params: dict[str, Any] | None = None,
-        timeout: float | None = None) -> RunResult:
+        timeout: float | None = None, rerun_of: str | None = None) -> RunResult:
     """Bring the VM up and provision it if needed, then run one scenario."""
     prep = prepare(vm, scenario_key, params, timeout)
+    lock = read_lock(vm.lab.source)          # a broken lab.lock is refused before boot
     vm.up(reuse=True)
     facts = ensure_provisioned(vm)
     scenarios.check_against(prep.scenario, prep.params, vm.spec.memory, facts["probe"])
-    return execute(vm, prep, facts)
+    res = execute(vm, prep, facts)
+    res.lock_hash, res.rerun_of = (lock.digest if lock else None), rerun_of
+    return res
+
+
+def reproduction(vm: VM) -> dict[str, str | None]:
+    """What a rerun must find unchanged: the image's content (and the
+    kernel's, for a local or tree kernel), the guest tools, QEMU."""
+    img, st = vm.image(), vm.state()
+    content = img.content_hash if img.built else None
+    if content and st is not None and st.kernel:
+        content = f"{content}+{st.kernel}"
+    return {"image_content": content,
+            "tools_digest": (st.facts.get("tools_digest") if st else None),
+            "qemu": accel.qemu_version()}
 
 
 def execute(vm: VM, prep: Prepared, facts: dict) -> RunResult:
@@ -71,7 +87,7 @@ def execute(vm: VM, prep: Prepared, facts: dict) -> RunResult:
         image=st.image, image_key=st.image_key, kernel=st.kernel_release, accel=st.accel,
         tools_version=facts.get("tools_version", "unknown"), scenario=prep.scenario.id,
         scenario_name=prep.scenario.name, params=prep.params, command=cmd,
-        expect_consistent=prep.scenario.expect_consistent)
+        expect_consistent=prep.scenario.expect_consistent, **reproduction(vm))
     vm.emit(Kind.RUNNING, f"{prep.scenario.id} ({prep.scenario.name}): {cmd}",
             run_id=res.run_id)
     lines: list[str] = []
@@ -149,11 +165,12 @@ def _parse(line: str) -> dict | None:
 
 
 def run_and_store(vm: VM, scenario: str, params: dict[str, Any] | None = None,
-                  timeout: float | None = None) -> RunResult:
+                  timeout: float | None = None, rerun_of: str | None = None) -> RunResult:
     """Run a scenario (booting and provisioning as needed) and store it. A
     database that cannot take the run gets it later: it waits in the spool
-    next to the database, and the event says where."""
-    res = run(vm, scenario, params, timeout)
+    next to the database, and the event says where. `rerun_of` links it to
+    the stored run it repeats."""
+    res = run(vm, scenario, params, timeout, rerun_of)
     outcome = store_run(vm.lab.results_path, res)
     vm.emit(Kind.STORED, "; ".join([outcome.message, *outcome.spool_problems]),
             run_id=res.run_id, stored=outcome.stored,

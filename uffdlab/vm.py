@@ -214,8 +214,11 @@ class VM(Emitter):
             cmdline=self.kernel_cmdline(img))
 
     def kernel_cmdline(self, img: Image | None = None) -> str:
+        """The image's and the VM's extra command line, after the lab's SSH
+        key (an image does not carry it: the guest installs it at boot)."""
         img = img or self.image()
-        return " ".join(p for p in (img.kernel_cmdline, self.spec.cmdline) if p)
+        key = f"uffdlab.authkey={self.images.keys.public_key().split()[1]}"
+        return " ".join(p for p in (key, img.kernel_cmdline, self.spec.cmdline) if p)
 
     def choose_accel(self, probe: bool = True) -> accel_mod.AccelChoice:
         img = self.image()

@@ -64,13 +64,11 @@ def test_hook_passes_hostile_paths_intact_and_runs_nothing(tmp_path):
     stub.parent.mkdir()
     record = tmp_path / "args"
     stub.write_text(f'for a; do printf "%s\\n" "$a"; done > "{record}"\n')
-    env = mmdebstrap_env(recipe(images.ImageSpec(suite="trixie"), "k"), out,
-                         keys / "lab.pub", keys / "hostkey")
+    env = mmdebstrap_env(recipe(images.ImageSpec(suite="trixie")), out, keys / "hostkey")
     r = _run_hook(tmp_path, tmp_path / "root dir;#", {**env, "UFFDLAB_CUSTOMIZE": str(stub)})
     assert r.returncode == 0, r.stderr
     assert record.read_text().splitlines() == [
-        str(tmp_path / "root dir;#"), str(out), str(keys / "lab.pub"),
-        str(keys / "hostkey"), "4096M"]
+        str(tmp_path / "root dir;#"), str(out), str(keys / "hostkey"), "4096M"]
     assert not list(tmp_path.rglob("PWNED"))
 
 
@@ -83,13 +81,44 @@ def test_customize_script_quotes_every_path(tmp_path):
         (root / d).mkdir(parents=True)
     subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f",
                     str(keys / "hostkey")], check=True)
-    (keys / "lab.pub").write_text("ssh-ed25519 AAAA lab\n")
-    rec = {**recipe(images.ImageSpec(suite="trixie"), "k"), "disk_size": 16 << 20}
-    r = _run_hook(tmp_path, root, mmdebstrap_env(rec, out, keys / "lab.pub",
-                                                 keys / "hostkey"))
+    rec = {**recipe(images.ImageSpec(suite="trixie")), "disk_size": 16 << 20}
+    r = _run_hook(tmp_path, root, mmdebstrap_env(rec, out, keys / "hostkey"))
     assert r.returncode == 0, r.stderr
-    assert (root / "root/.ssh/authorized_keys").read_text() == "ssh-ed25519 AAAA lab\n"
+    assert not (root / "root/.ssh/authorized_keys").exists()    # it comes at boot
+    assert (root / "etc/systemd/system/ssh.service.wants/uffdlab-authkey.service").is_symlink()
     assert (out / "rootfs.raw").stat().st_size == 16 << 20
+    assert not list(tmp_path.rglob("PWNED"))
+
+
+def _authkey_script(tmp_path: Path) -> Path:
+    """The guest's uffdlab-authkey, as customize.sh writes it."""
+    text = (REPO / "images/customize.sh").read_text()
+    body = text.split("<<'AUTHKEY'\n", 1)[1].split("\nAUTHKEY\n", 1)[0]
+    script = tmp_path / "uffdlab-authkey"
+    script.write_text(body.replace("/proc/cmdline", '"$CMDLINE"')
+                      .replace("/root/.ssh", '"$SSHDIR"') + "\n")
+    return script
+
+
+@pytest.mark.parametrize("cmdline,installed", [
+    ("root=/dev/vda uffdlab.authkey=AAAAC3Nz+/= quiet", "ssh-ed25519 AAAAC3Nz+/= uffdlab\n"),
+    ("root=/dev/vda uffdlab.authkey=$(touch${IFS}PWNED) quiet", None),
+    ("root=/dev/vda uffdlab.authkey=AAAA;touch${IFS}PWNED", None),
+    ("root=/dev/vda quiet", None),
+])
+def test_the_guest_takes_only_a_base64_key_from_the_command_line(tmp_path, cmdline,
+                                                                  installed):
+    """The lab's key reaches the guest on the kernel command line; anything
+    but base64 there installs nothing and runs nothing."""
+    script = _authkey_script(tmp_path)
+    (tmp_path / "cmdline").write_text(cmdline + "\n")
+    (tmp_path / "ssh").mkdir()
+    r = subprocess.run(["sh", str(script)], cwd=tmp_path, capture_output=True, text=True,
+                       env={"PATH": "/usr/bin:/bin", "CMDLINE": str(tmp_path / "cmdline"),
+                            "SSHDIR": str(tmp_path / "ssh")})
+    assert r.returncode == 0, r.stderr
+    keys = tmp_path / "ssh" / "authorized_keys"
+    assert (keys.read_text() if keys.exists() else None) == installed
     assert not list(tmp_path.rglob("PWNED"))
 
 

@@ -19,6 +19,8 @@ from uffdlab.images import ImageStore, bzimage_release, mmdebstrap_argv, recipe,
 from uffdlab.qemu import QemuCommand
 from uffdlab.vm import VM
 
+from .labs import guest_lab
+
 PUBKEY = "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIFakeKeyForUnitTestsOnly uffdlab"
 
 LAB = """\
@@ -173,8 +175,8 @@ def spec(**over) -> ImageSpec:
     return ImageSpec(**{"suite": "trixie", **over})
 
 
-def key(s: ImageSpec, pub: str = PUBKEY) -> str:
-    return recipe_key(recipe(s, pub))
+def key(s: ImageSpec) -> str:
+    return recipe_key(recipe(s))
 
 
 def test_recipe_key_stable():
@@ -193,8 +195,17 @@ def test_recipe_key_changes_with_the_rootfs(other):
     assert key(other) != key(spec())
 
 
-def test_recipe_key_changes_with_the_lab_key():
-    assert key(spec(), PUBKEY) != key(spec(), PUBKEY.replace("Fake", "Other"))
+def test_recipe_key_does_not_depend_on_the_lab_key(tmp_path):
+    """The lab's key reaches the guest on the kernel command line: one image
+    serves every lab, so an exported image boots in a colleague's lab."""
+    def store(name: str) -> ImageStore:
+        path = tmp_path / name / "lab.yml"
+        path.parent.mkdir()
+        path.write_text(guest_lab(tmp_path / name / "cache"))
+        return ImageStore(load_lab(path))
+    a, b = store("a"), store("b")
+    assert a.keys.public_key() != b.keys.public_key()
+    assert a.image("trixie").key == b.image("trixie").key
 
 
 def test_recipe_key_changes_with_customize_script(tmp_path, monkeypatch):
@@ -215,8 +226,8 @@ def test_recipe_key_ignores_a_local_kernel_path():
 
 
 def test_mmdebstrap_argv_names_no_mirror_and_has_the_kernel(tmp_path):
-    rec = recipe(spec(packages=["strace"]), PUBKEY)
-    argv = mmdebstrap_argv(rec, tmp_path / "out", tmp_path / "lab.pub", tmp_path / "hostkey")
+    rec = recipe(spec(packages=["strace"]))
+    argv = mmdebstrap_argv(rec)
     assert argv[0] == "mmdebstrap"
     joined = " ".join(argv)
     assert "://" not in joined and "deb.debian.org" not in joined
@@ -234,21 +245,23 @@ def test_mmdebstrap_argv_names_no_mirror_and_has_the_kernel(tmp_path):
 def test_mmdebstrap_hook_names_no_path(tmp_path):
     """Paths reach the customize hook through the environment: the hook text
     is a constant, whatever the cache directory is called."""
-    rec = recipe(spec(), PUBKEY)
+    rec = recipe(spec())
     out = tmp_path / "x;touch PWNED;#" / "with space"
-    argv = mmdebstrap_argv(rec, out, out / "lab.pub", out / "hostkey")
+    argv = mmdebstrap_argv(rec, pinned=True)
     (hook,) = [a.split("=", 1)[1] for a in argv if a.startswith("--customize-hook=")]
-    assert hook == images.CUSTOMIZE_HOOK
+    (pin_hook,) = [a.split("=", 1)[1] for a in argv if a.startswith("--setup-hook=")]
+    assert hook == images.CUSTOMIZE_HOOK and pin_hook == images.PIN_HOOK
     assert "PWNED" not in hook and "space" not in hook and str(tmp_path) not in hook
-    env = images.mmdebstrap_env(rec, out, out / "lab.pub", out / "hostkey")
+    env = images.mmdebstrap_env(rec, out, out / "hostkey", out / "pins")
     assert env == {"UFFDLAB_CUSTOMIZE": str(images.CUSTOMIZE), "UFFDLAB_OUT": str(out),
-                   "UFFDLAB_LAB_PUBKEY": str(out / "lab.pub"),
-                   "UFFDLAB_HOSTKEY": str(out / "hostkey"), "UFFDLAB_DISK_SIZE": "4096M"}
+                   "UFFDLAB_HOSTKEY": str(out / "hostkey"), "UFFDLAB_DISK_SIZE": "4096M",
+                   "UFFDLAB_PINS": str(out / "pins")}
+    assert not [a for a in mmdebstrap_argv(rec) if a.startswith("--setup-hook")]
 
 
 def test_mmdebstrap_argv_other_kernel_package(tmp_path):
-    rec = recipe(spec(suite="bookworm", kernel=KernelSpec(package="linux-image-amd64")), PUBKEY)
-    argv = mmdebstrap_argv(rec, tmp_path, tmp_path / "k.pub", tmp_path / "hk")
+    rec = recipe(spec(suite="bookworm", kernel=KernelSpec(package="linux-image-amd64")))
+    argv = mmdebstrap_argv(rec)
     (include,) = [a for a in argv if a.startswith("--include=")]
     assert "linux-image-amd64" in include.split("=", 1)[1].split(",")
     assert "linux-image-cloud-amd64" not in include

@@ -123,7 +123,7 @@ def test_creates_parents_wal_and_schema_version(db, db_path):
     assert db_path.is_file()
     c = raw(db_path)
     assert c.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
-    assert c.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION == 2
+    assert c.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION == 3
     tables = {r[0] for r in c.execute("SELECT name FROM sqlite_master WHERE type='table'")}
     assert {"runs", "latency_hist", "faults", "mismatches", "logs"} <= tables
     assert db.schema_version == SCHEMA_VERSION
@@ -440,6 +440,27 @@ def test_v1_database_is_upgraded_in_place(tmp_path):
     # and opening it again is a no-op
     with ResultsDB(old) as db:
         assert ids(db.runs()) == ["oldrun", "newrun"]
+
+
+def test_a_v2_database_gains_what_reproduces_a_run(tmp_path, monkeypatch):
+    """v3 adds the lock digest, the image content, the tools digest, the QEMU
+    version and the run a rerun repeats; older runs read them as None."""
+    old = tmp_path / "old.sqlite"
+    make_v1(old)
+    monkeypatch.setattr(results, "MIGRATIONS", results.MIGRATIONS[:2])
+    monkeypatch.setattr(results, "SCHEMA_VERSION", 2)
+    ResultsDB(old).close()
+    assert raw(old).execute("PRAGMA user_version").fetchone()[0] == 2
+    monkeypatch.undo()
+    with ResultsDB(old) as db:
+        assert db.schema_version == 3
+        assert db.get("oldrun")["lock_hash"] is None
+        db.store(make_result("again", lock_hash="0123abcd", image_content="c0ffee+k1",
+                             tools_digest="t00l", qemu="7.2.0", rerun_of="oldrun"))
+        got = db.get("again")
+        assert (got["lock_hash"], got["image_content"], got["tools_digest"], got["qemu"],
+                got["rerun_of"]) == ("0123abcd", "c0ffee+k1", "t00l", "7.2.0", "oldrun")
+        assert [r["run_id"] for r in db.runs() if r["rerun_of"] == "oldrun"] == ["again"]
 
 
 def test_failed_upgrade_leaves_v1_untouched(tmp_path, monkeypatch):

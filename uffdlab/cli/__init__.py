@@ -60,6 +60,22 @@ HELP: dict[str, tuple[str, str]] = {
         "before anything is built; an image whose recipe is unchanged is kept unless "
         "--force.",
         "uffdlab image build\nuffdlab image build --force bookworm"),
+    "image export": (
+        "Write a built image as one archive (a reproducible tar): disk, kernel, initrd, "
+        "pinned host key, package manifest and meta, described by a first member that "
+        "gives each file's SHA-256 and the image's content hash.",
+        "uffdlab image export trixie trixie.uffdlab.tar"),
+    "image import": (
+        "Verify an exported image and install it into this lab's cache, so a colleague "
+        "runs the exact same guest. A tampered, truncated or padded archive is refused and "
+        "installs nothing. The image carries no lab key: it boots with yours.",
+        "uffdlab image import trixie.uffdlab.tar"),
+    "lock": (
+        "Write lab.lock next to the lab file: for each image (built if needed) its suite, "
+        "kernel release, content hash and every package's exact version, the guest tools' "
+        "digest and the lab's Python environment. Image builds pin the locked versions and "
+        "name what drifted; commit the file.",
+        "uffdlab lock\nuffdlab image build --locked"),
     "image list": (
         "Each image of the lab file: suite, kernel release, size, recipe hash and whether "
         "it is built.",
@@ -147,6 +163,14 @@ HELP: dict[str, tuple[str, str]] = {
         "uffdlab run multi-writer --vm guest --timeout 300\n"
         "uffdlab run S3 --image mine\n"
         "git bisect run uffdlab run S3 --image mine --bisect"),
+    "rerun": (
+        "Run a stored run again as it was: its scenario, parameters and VM shape, in a fresh "
+        "VM, with the same image content, kernel build, guest tools and QEMU (it refuses "
+        "to start when any of them changed since). The repeats are stored linked to the "
+        "original. It prints whether the verdict is the same and whether each metric of "
+        "the original lies within the spread of the repeats. Exit status: 0 same verdict, "
+        "1 a repeat failed, 2 bad input, 3 a different verdict.",
+        "uffdlab rerun 3f2a9c\nuffdlab rerun 3f2a9c --times 5"),
     "results": (
         "List the stored runs (the filters combine), or show one run in full with "
         "'uffdlab results show RUN'. In the table, a status marked (!) is a verdict other "

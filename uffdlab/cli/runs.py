@@ -515,7 +515,37 @@ def cmd_results(args) -> int:
     return _list_runs(args) if args.action is None else _show_run(args)
 
 
+def _times_arg(text: str) -> int:
+    try:
+        n = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"--times: expected a whole number of repeats, "
+                                         f"got {text!r}") from None
+    if not 1 <= n <= 100:
+        raise argparse.ArgumentTypeError(f"--times: expected 1 to 100 repeats, got {text!r}")
+    return n
+
+
+def cmd_rerun(args) -> int:
+    from ..rerun import ran, rerun
+    cmp = rerun(lab_of(args), args.run_id, args.times, Renderer())
+    rows = cmp.table().reset_index().values.tolist()
+    table(["metric", "original", "repeats", "spread", "original within"],
+          [["–" if v is None or v != v else v for v in row] for row in rows])
+    print(cmp.summary())
+    print("repeats stored: " + " ".join(r.run_id for r in cmp.runs))
+    if not ran(cmp):
+        return EXIT_FAIL
+    return EXIT_OK if cmp.same_verdict else EXIT_UNEXPECTED
+
+
 def register(sub) -> None:
+    rr = sub.add_parser("rerun", help="run a stored run again, as it was, and compare")
+    rr.add_argument("run_id", metavar="RUN_ID")
+    rr.add_argument("--times", type=_times_arg, default=1,
+                    help="repeats (default 1; 3 or more give a spread to compare with)")
+    rr.set_defaults(func=cmd_rerun)
+
     p = sub.add_parser("provision", help="provision a VM with Ansible (boots it if needed)")
     p.add_argument("vm", nargs="?")
     p.set_defaults(func=cmd_provision)

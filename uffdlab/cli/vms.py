@@ -7,6 +7,7 @@ import os
 import shlex
 import sys
 import time
+from pathlib import Path
 
 from ..config import ConfigError
 from .common import EXIT_FAIL, EXIT_OK, Renderer, lab_of, table
@@ -15,6 +16,7 @@ from .common import EXIT_FAIL, EXIT_OK, Renderer, lab_of, table
 # -- image ----------------------------------------------------------------
 def cmd_image_build(args) -> int:
     from ..images import ImageStore
+    from ..lock import Lock, drift, read_lock
     lab = lab_of(args)
     store = ImageStore(lab, Renderer())
     names = args.names or list(lab.images)
@@ -22,9 +24,55 @@ def cmd_image_build(args) -> int:
         lab.image_spec(name)                      # every name checked before any build
     for name in names:
         t = time.monotonic()
-        img = store.build(name, force=args.force)
-        print(f"{name}: {img.dir} (kernel {img.kernel_release}, "
-              f"{time.monotonic() - t:.1f} s)")
+        img = store.build(name, force=args.force, locked=args.locked)
+        print(f"{name}: {img.dir} (kernel {img.kernel_release}, content "
+              f"{img.content_hash}, {time.monotonic() - t:.1f} s)")
+        entry = (read_lock(lab.source) or Lock()).images.get(name)
+        for d in drift(entry.packages, img.packages) if entry else []:
+            print(f"  drifted from the lock: {d}")
+    return EXIT_OK
+
+
+def cmd_image_export(args) -> int:
+    from ..archive import export_image
+    from ..images import ImageStore
+    lab = lab_of(args)
+    lab.image_spec(args.name)
+    dest = export_image(ImageStore(lab), args.name, Path(args.file), Renderer())
+    print(f"{args.name}: exported to {dest} ({dest.stat().st_size >> 20} MiB)")
+    return EXIT_OK
+
+
+def cmd_image_import(args) -> int:
+    from ..archive import import_image
+    from ..images import ImageStore
+    lab = lab_of(args)
+    desc, dest = import_image(lab, Path(args.file), force=args.force, listener=Renderer())
+    store = ImageStore(lab)
+    users = [n for n in lab.images if store.image(n).key == desc["key"]]
+    print(f"imported {desc['name']} ({desc['suite']}, kernel {desc['kernel_release']}, "
+          f"content {desc['content_hash']}) into {dest}")
+    if users:
+        print(f"{lab.source.name} images that boot it now: {', '.join(users)}")
+    else:
+        print(f"no image of {lab.source.name} has its recipe yet; add the exporter's entry "
+              f"(suite {desc['suite']}) under 'images', named as you like")
+    return EXIT_OK
+
+
+def cmd_lock(args) -> int:
+    from ..images import ImageStore, locked_image
+    from ..lock import Lock, lock_path, python_environment
+    from ..tools import tools_digest
+    lab = lab_of(args)
+    store = ImageStore(lab, Renderer())
+    lock = Lock(guest_tools=tools_digest(), python=python_environment())
+    for name in lab.images:
+        lock.images[name] = locked_image(store.build(name))
+    path = lock.save(lock_path(lab.source))
+    print(f"{path}: {len(lock.images)} images, "
+          f"{sum(len(i.packages) for i in lock.images.values())} package versions, "
+          f"{len(lock.python)} Python distributions; lock {lock.digest}")
     return EXIT_OK
 
 
@@ -235,7 +283,20 @@ def register(sub) -> None:
     b = isub.add_parser("build", help="build images (all when no name is given)")
     b.add_argument("names", nargs="*", metavar="NAME")
     b.add_argument("--force", action="store_true", help="rebuild even if cached")
+    b.add_argument("--locked", action="store_true",
+                   help="a package version that differs from lab.lock is an error")
     b.set_defaults(func=cmd_image_build)
+    ex = isub.add_parser("export", help="write a built image as one verifiable archive")
+    ex.add_argument("name", metavar="NAME")
+    ex.add_argument("file", metavar="FILE")
+    ex.set_defaults(func=cmd_image_export)
+    im = isub.add_parser("import", help="verify an exported image and install it")
+    im.add_argument("file", metavar="FILE")
+    im.add_argument("--force", action="store_true",
+                    help="replace another build of the same recipe in the cache")
+    im.set_defaults(func=cmd_image_import)
+    sub.add_parser("lock", help="write lab.lock: package versions, tools, Python").set_defaults(
+        func=cmd_lock)
     isub.add_parser("list", help="images with suite, kernel, size, hash").set_defaults(
         func=cmd_image_list)
 

@@ -15,24 +15,24 @@ Figure or a string, so notebooks stay a few lines per step.
 The report layer stays light: pandas and matplotlib, imported when a table
 or figure is asked for; no SSH, no Ansible.
 """
-from .plots import plot_latency_cdf, plot_stall_vs_duration, plot_sweep, plot_throughput
+from .plots import plot_latency_cdf, plot_rerun, plot_stall_vs_duration, plot_sweep, plot_throughput
 from .progress import NotebookProgress
 from .runs import RunView, as_run, as_runs, subset
 from .sweeps import sweep_groups, sweep_notes, sweep_table
 from .tables import (
-                     FEATURE_NOTES,
-                     explain_stw_vs_wp,
-                     failure_text,
-                     feature_table,
-                     provenance,
-                     runs_table,
-                     summary_table,
-                     verdict,
-                     verdicts_table,
+    FEATURE_NOTES,
+    explain_stw_vs_wp,
+    failure_text,
+    feature_table,
+    provenance,
+    runs_table,
+    summary_table,
+    verdict,
+    verdicts_table,
 )
 
 __all__ = ["NotebookProgress", "feature_table", "summary_table", "provenance", "verdict",
-           "failure_text", "plot_latency_cdf", "plot_stall_vs_duration",
+           "failure_text", "plot_latency_cdf", "plot_stall_vs_duration", "plot_rerun",
            "plot_throughput", "plot_sweep", "runs_table", "FEATURE_NOTES", "subset",
            "RunView", "as_run", "as_runs", "sweep_table", "sweep_notes", "sweep_groups",
            "verdicts_table", "explain_stw_vs_wp"]

@@ -147,6 +147,40 @@ def plot_throughput(result: Any) -> Figure:
     return fig
 
 
+def plot_rerun(comparison: Any) -> Figure:
+    """A rerun (rerun.Comparison): per metric, the repeats as points and their
+    spread as a bar, the original as a diamond; each metric on its own axis,
+    scaled to the original."""
+    rows = [m for m in comparison.rows if m.original is not None or any(
+        v is not None for v in m.repeats)]
+    fig, (ax,) = _figure(width=max(5.0, 1.2 * len(rows) + 2))
+    if not rows:
+        _say(ax, "nothing to compare")
+        return fig
+    for i, m in enumerate(rows):
+        scale = m.original if m.original not in (None, 0) else (
+            max((abs(v) for v in m.repeats if v is not None), default=1) or 1)
+        reps = [v / scale for v in m.repeats if v is not None]
+        if len(reps) > 1:
+            ax.plot([i, i], [min(reps), max(reps)], color="tab:blue", lw=6, alpha=0.3,
+                    label="spread of the repeats" if i == 0 else None)
+        ax.scatter([i] * len(reps), reps, color="tab:blue", s=18, zorder=3,
+                   label="repeats" if i == 0 else None)
+        if m.original is not None:
+            ax.scatter([i], [m.original / scale], marker="D", s=50, zorder=4,
+                       color="tab:red" if m.within is False else "black",
+                       label="original" if i == 0 else None)
+    ax.axhline(1.0, color="grey", lw=0.8, ls=":")
+    ax.set_xticks(range(len(rows)), [_NICE.get(m.metric, m.metric) for m in rows],
+                  fontsize=7, rotation=20, ha="right")
+    ax.set_ylabel("relative to the original")
+    ax.set_title(f"rerun of {comparison.original.get('run_id')}: "
+                 f"{'same' if comparison.same_verdict else 'DIFFERENT'} verdict")
+    ax.legend(fontsize=8, loc="upper right")
+    ax.grid(axis="y", alpha=0.3)
+    return fig
+
+
 def _sort_key(v: Any) -> Any:
     """Numbers as numbers, sizes ('16M') by bytes, the rest as text."""
     if isinstance(v, (int, float)):

@@ -38,6 +38,11 @@ class RunView:
     kernel: str | None = None
     accel: str | None = None
     tools_version: str | None = None
+    tools_digest: str | None = None
+    image_content: str | None = None
+    lock_hash: str | None = None
+    qemu: str | None = None
+    rerun_of: str | None = None
     command: str | None = None
     expect_consistent: bool | None = None
     consistent: bool | None = None
@@ -180,6 +185,8 @@ def _view(record: Mapping[str, Any], latency: Iterable | None = None,
         error=r.get("error"), started=r.get("started"), vm=r.get("vm"),
         image=r.get("image"), image_key=r.get("image_key"), kernel=r.get("kernel"),
         accel=r.get("accel"), tools_version=r.get("tools_version"),
+        tools_digest=r.get("tools_digest"), image_content=r.get("image_content"),
+        lock_hash=r.get("lock_hash"), qemu=r.get("qemu"), rerun_of=r.get("rerun_of"),
         command=r.get("command"),
         expect_consistent=None if expect is None else bool(expect),
         consistent=None if consistent is None else bool(consistent),

@@ -191,7 +191,10 @@ def provenance(result: Any) -> pd.DataFrame:
             ("scenario", f"{run.scenario or ''} {run.scenario_name or ''}"),
             ("vm", run.vm), ("image", run.image), ("image key", run.image_key),
             ("kernel", run.kernel), ("accel", run.accel),
-            ("guest tools version", run.tools_version), ("command", run.command)]
+            ("guest tools version", run.tools_version),
+            ("guest tools digest", run.tools_digest), ("image content", run.image_content),
+            ("lab.lock", run.lock_hash or "none ('uffdlab lock' writes one)"),
+            ("QEMU", run.qemu), ("rerun of", run.rerun_of), ("command", run.command)]
     return pd.DataFrame([{"": k, "value": "–" if v is None else str(v)}
                          for k, v in rows]).set_index("")
 
