@@ -25,6 +25,7 @@ import tarfile
 from pathlib import Path
 
 from .config import Lab
+from .digest import file_digest
 from .events import Emitter, Listener
 from .images import CONTENT_FILES, ImageError, ImageStore, content_hash, locked_image
 from .model import Kind
@@ -34,14 +35,6 @@ DESCRIPTOR = "uffdlab-image.json"
 CARRIED = (*CONTENT_FILES, "meta.json")      # build.log stays behind
 REQUIRED = {"base.qcow2", "manifest.tsv", "meta.json", "ssh_host_ed25519_key.pub"}
 MAX_DESCRIPTOR = 1 << 20
-
-
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(1 << 20):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def _member(name: str, size: int, mtime: int) -> tarfile.TarInfo:
@@ -59,7 +52,7 @@ def export_image(store: ImageStore, name: str, dest: Path,
     if not img.built:
         raise ImageError(f"image {name} is not built; 'uffdlab image build {name}' first")
     ev = Emitter(name, listener)
-    files = {f: {"size": (img.dir / f).stat().st_size, "sha256": _sha256(img.dir / f)}
+    files = {f: {"size": (img.dir / f).stat().st_size, "sha256": file_digest(img.dir / f)}
              for f in CARRIED if (img.dir / f).exists()}
     descriptor = {"format": FORMAT, "name": name, "key": img.key,
                   "content_hash": img.content_hash, "suite": img.spec.suite,

@@ -25,6 +25,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .config import ConfigError, ImageSpec, Lab, check_cache_dir, format_size
+from .digest import file_digest
 from .events import Emitter, Listener
 from .keys import LabKeys
 from .lock import (
@@ -199,16 +200,9 @@ def content_hash(directory: Path) -> str:
     for name in CONTENT_FILES:
         path = directory / name
         if path.exists():
-            h.update(f"{name}\0{_file_sha256(path)}\n".encode())
+            h.update(f"{name}\0{file_digest(path)}\n".encode())
     return h.hexdigest()[:32]
 
-
-def _file_sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(1 << 20):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 class ImageStore:

@@ -36,6 +36,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .config import ConfigError, KernelSpec, Lab, check_cache_dir
+from .digest import file_digest
 from .events import Emitter, Listener
 from .model import Kind
 from .paths import IMAGES as IMAGES_DIR
@@ -160,7 +161,7 @@ class KernelStore:
         """What decides the config and the build, apart from the sources."""
         spec = self.spec(image)
         return {"base": spec.base, "make_args": list(spec.make_args),
-                "fragments": [[f.name, _file_sha(f)] for f in self.fragments(image)]}
+                "fragments": [[f.name, file_digest(f)] for f in self.fragments(image)]}
 
     def build_dir(self, image: str) -> Path:
         """The persistent O= directory for this tree and config recipe."""
@@ -418,7 +419,7 @@ def _git_state(tree: Path) -> dict:
         if rel:
             path = tree / os.fsdecode(rel)
             sha = (hashlib.sha256(os.fsencode(os.readlink(path))).hexdigest()
-                   if path.is_symlink() else _file_sha(path))   # editors leave dangling ones
+                   if path.is_symlink() else file_digest(path))   # editors leave dangling ones
             untracked.update(rel + b"\0" + sha.encode())
     return {"head": head, "diff": diff, "untracked": untracked.hexdigest()}
 
@@ -448,7 +449,7 @@ def content_hash(tree: Path, stat_cache: Path) -> str:
         if hit and hit[0] == stamp and st.st_mtime_ns < racy:
             sha = hit[1]
         else:
-            sha = _file_sha(tree / rel)
+            sha = file_digest(tree / rel)
             changed = changed or hit != (stamp, sha)
         fresh.append(f"{rel}\t{stamp}\t{sha}")
         total.update(os.fsencode(rel) + f"\0{sha}\n".encode())
@@ -540,13 +541,6 @@ def _tar_headers(hdr: Path, dest: Path) -> None:
         for p in sorted(hdr.rglob("*")):
             tar.add(p, arcname=str(p.relative_to(hdr)), recursive=False, filter=clean)
 
-
-def _file_sha(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(1 << 20):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def _safe(name: str) -> str:

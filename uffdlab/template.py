@@ -31,6 +31,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from .digest import file_digest
 from .qmp import qmp
 
 MARKER = ".uffdlab-template"
@@ -40,14 +41,6 @@ MIGRATE_SECONDS = 300          # a 64G guest under TCG still saves well within t
 
 class TemplateError(Exception):
     pass
-
-
-def file_digest(path: Path, chunk: int = 1 << 20) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(chunk):
-            h.update(block)
-    return h.hexdigest()
 
 
 def key_of(inputs: dict) -> str:

@@ -25,6 +25,7 @@ from uffdlab import cli, images
 from uffdlab import lock as lockmod
 from uffdlab.archive import CARRIED, DESCRIPTOR, FORMAT, MAX_DESCRIPTOR, export_image, import_image
 from uffdlab.config import load_lab
+from uffdlab.digest import file_digest
 from uffdlab.events import Event
 from uffdlab.images import (
     CONTENT_FILES,
@@ -752,7 +753,7 @@ def test_export_archive_layout(exported):
     for m, data in entries[1:]:
         assert data == (img.dir / m.name).read_bytes()
         assert desc["files"][m.name]["size"] == len(data)
-        assert desc["files"][m.name]["sha256"] == images._file_sha256(img.dir / m.name)
+        assert desc["files"][m.name]["sha256"] == file_digest(img.dir / m.name)
     assert not [n for n in names(archive.parent) if n.endswith(".tmp")]
 
 
