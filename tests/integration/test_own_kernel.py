@@ -16,37 +16,28 @@ import pytest
 from uffdlab.api import ready, run_and_store, vm_for
 from uffdlab.config import load_lab
 from uffdlab.images import ImageStore, is_bzimage
-from uffdlab.kernel import KernelStore, debian_source, read_config
+from uffdlab.kernel import KernelStore, read_config
 from uffdlab.model import Kind, Status
 from uffdlab.paths import NOTEBOOKS
 from uffdlab.sweep import KERNEL
 from uffdlab.vm import VM, VMError
 
-from ..conftest import VM_CPUS, VM_MEMORY, write_lab
+from ..conftest import VM_CPUS, VM_MEMORY
 
 pytestmark = pytest.mark.integration
 RUN = {"size": "16M", "duration": "1"}
 
 
 @pytest.fixture(scope="module")
-def kernel_lab(session_dir, test_lab):
-    """Three images of one tree: `mine` (the small config), `broken` (a
-    fragment that turns userfaultfd off) and `noroot` (a root device that
-    does not exist)."""
-    tree = debian_source(test_lab, "6.12")
-    no_uffd = session_dir / "no-uffd.config"
-    no_uffd.write_text("# CONFIG_USERFAULTFD is not set\n")
-    small = {"tree": str(tree), "base": "small"}
-    path = write_lab(session_dir / "kernel-lab.yml",
-                     {"mine-vm": {"image": "mine", "memory": VM_MEMORY, "cpus": VM_CPUS}},
-                     images={"trixie": {"suite": "trixie"},
-                             "mine": {"suite": "trixie", "kernel": small},
-                             "broken": {"suite": "trixie",
-                                        "kernel": {**small, "config": [str(no_uffd)]}},
-                             "noroot": {"suite": "trixie",
-                                        "kernel": {**small, "cmdline": "root=/dev/vdz"}}})
-    lab = load_lab(path)
-    ImageStore(lab).build("mine")            # the rootfs (the shared trixie one) and the kernel
+def kernel_lab(session_dir, test_lab, early_kernel_build):
+    """The session's kernel lab (conftest.write_kernel_lab), once the early
+    build has finished; the rootfs (the shared trixie one) built too."""
+    proc, log = early_kernel_build
+    if proc.wait() != 0:
+        pytest.fail(f"the early kernel build failed (exit {proc.returncode}):\n"
+                    + log.read_text()[-3000:])
+    lab = load_lab(session_dir / "kernel-lab.yml")
+    ImageStore(lab).build("mine")            # the rootfs; the kernel is a no-op now
     return lab
 
 
