@@ -80,13 +80,15 @@ def _processes() -> dict[str, tuple[int, str, str]]:
             if d.name.isdigit() and (st := _stat(d.name))}
 
 
-def _descendants(root: int) -> set[tuple[str, str]]:
-    """Every live process below ROOT, as (pid, start time) so a reused pid is no match."""
+def _descendants(root: int, others: frozenset[str] = frozenset()) -> set[tuple[str, str]]:
+    """Every live process below ROOT, as (pid, start time) so a reused pid is no
+    match; not those in OTHERS (processes that ran before the test, such as
+    the session's early kernel build), nor anything below them."""
     procs, found, todo = _processes(), set(), [root]
     while todo:
         parent = todo.pop()
         for pid, (ppid, _state, start) in procs.items():
-            if ppid == parent:
+            if ppid == parent and pid not in others:
                 found.add((pid, start))
                 todo.append(int(pid))
     return found
@@ -179,6 +181,7 @@ def test_onboarding_notebook_runs_in_a_real_browser(tmp_path, monkeypatch):
         monkeypatch.setenv(var, str(tmp_path / var.lower()))
     monkeypatch.delenv("SSH_CONNECTION", raising=False)
 
+    others = frozenset(pid for pid, _ in _descendants(os.getpid()))   # not the test's
     port = _free_port()
     log = tmp_path / "jupyterlab.log"
     with log.open("w") as err:            # the child keeps its own descriptor
@@ -231,7 +234,7 @@ def test_onboarding_notebook_runs_in_a_real_browser(tmp_path, monkeypatch):
                                                "'application/vnd.jupyter.stderr']")
                     assert out.count() == 0, f"code cell {i + 1} wrote: {out.first.inner_text()}"
                 # at its peak: JupyterLab, the kernel, Playwright's driver, chromium's
-                seen = _descendants(os.getpid())
+                seen = _descendants(os.getpid(), others)
                 assert any("ipykernel" in _cmdline(p) for p, _ in seen), "no kernel ran"
             finally:
                 browser.close()
