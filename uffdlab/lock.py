@@ -23,7 +23,6 @@ import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
@@ -149,11 +148,3 @@ def apt_pins(packages: dict[str, str]) -> str:
     stanzas = [f"Package: {name}\nPin: version {version}\nPin-Priority: 1001\n"
                for name, version in sorted(packages.items())]
     return "\n".join(stanzas)
-
-
-def describe(lock: Lock) -> dict[str, Any]:
-    """A short summary for provenance: the lock digest and each image's
-    content hash and kernel."""
-    return {"lock": lock.digest,
-            "images": {n: {"content_hash": i.content_hash, "kernel": i.kernel_release}
-                       for n, i in lock.images.items()}}

@@ -67,6 +67,11 @@ class Comparison:
                    and r.consistent == self.original.get("consistent") for r in self.runs)
 
     @property
+    def all_ran(self) -> bool:
+        """Every repeat finished with a verdict (none failed or timed out)."""
+        return all(r.status in (Status.OK, Status.INCONSISTENT) for r in self.runs)
+
+    @property
     def rows(self) -> list[MetricRow]:
         from .results import METRICS
         out = []
@@ -166,7 +171,3 @@ def rerun(lab: Lab, run_id: str, times: int = 1,
     finally:
         vm.down()
     return cmp
-
-
-def ran(cmp: Comparison) -> bool:
-    return all(r.status in (Status.OK, Status.INCONSISTENT) for r in cmp.runs)

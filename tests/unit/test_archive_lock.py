@@ -42,7 +42,6 @@ from uffdlab.lock import (
     LockedImage,
     LockError,
     apt_pins,
-    describe,
     drift,
     lock_path,
     python_environment,
@@ -414,14 +413,6 @@ def test_read_manifest(tmp_path):
                                    "odd": "ver\twith tab"}
 
 
-def test_describe_names_the_lock_and_each_image():
-    lock = sample_lock()
-    assert describe(lock) == {"lock": lock.digest,
-                              "images": {"trixie": {"content_hash": "c" * 32,
-                                                    "kernel": KERNEL}}}
-
-
-# -- images.py: builds write, pin and compare with lab.lock --------------------------
 def test_first_build_writes_the_lock_next_to_the_lab_file(tmp_path, debian):
     path = make_lab(tmp_path)
     assert not lock_path(path).exists()

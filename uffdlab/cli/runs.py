@@ -527,14 +527,14 @@ def _times_arg(text: str) -> int:
 
 
 def cmd_rerun(args) -> int:
-    from ..rerun import ran, rerun
+    from ..rerun import rerun
     cmp = rerun(lab_of(args), args.run_id, args.times, Renderer())
     rows = cmp.table().reset_index().values.tolist()
     table(["metric", "original", "repeats", "spread", "original within"],
           [["–" if v is None or v != v else v for v in row] for row in rows])
     print(cmp.summary())
     print("repeats stored: " + " ".join(r.run_id for r in cmp.runs))
-    if not ran(cmp):
+    if not cmp.all_ran:
         return EXIT_FAIL
     return EXIT_OK if cmp.same_verdict else EXIT_UNEXPECTED
 
