@@ -65,9 +65,15 @@ class QemuCommand:
                            "cache=unsafe,discard=unmap",
                  "-netdev", f"user,id=net0,hostfwd=tcp:127.0.0.1:{self.ssh_port}-:22",
                  "-device", "virtio-net-pci,netdev=net0",
-                 "-device", "virtio-rng-pci",     # sshd and the CRNG need entropy now
-                 # `file:` takes the rest verbatim (checked with QEMU 7.2): no escaping
-                 "-serial", f"file:{self.serial_log}"]
+                 "-device", "virtio-rng-pci"]     # sshd and the CRNG need entropy now
+        if self.incoming is None:
+            # `file:` takes the rest verbatim (checked with QEMU 7.2): no escaping
+            args += ["-serial", f"file:{self.serial_log}"]
+        else:
+            # append: the log already holds the template's boot, so a restored
+            # guest that dies early still leaves its last words behind
+            args += ["-chardev", f"file,id=serial0,append=on,path={opt_value(self.serial_log)}",
+                     "-serial", "chardev:serial0"]
         if self.qmp_socket is not None:
             args += ["-qmp", f"unix:{opt_value(self.qmp_socket)},server=on,wait=off"]
         if self.incoming is not None:

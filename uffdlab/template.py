@@ -8,6 +8,7 @@ A template is `<cache>/templates/<key>/`:
                 itself backed by the image's base.qcow2)
     state       RAM and device state, written by QMP `migrate` (`exec:`: QEMU
                 7.2 has no `file:` URI)
+    serial.log  the console up to the save: a restored VM's log starts with it
     meta.json   what the key was made of, the guest facts (uffd-probe, tools
                 version), the state's size and SHA-256, the image build time
 
@@ -64,6 +65,10 @@ class Template:
         return self.dir / "state"
 
     @property
+    def serial_log(self) -> Path:
+        return self.dir / "serial.log"
+
+    @property
     def exists(self) -> bool:
         return (self.dir / MARKER).is_file() and (self.dir / "meta.json").is_file()
 
@@ -117,8 +122,8 @@ def all_templates(root: Path) -> list[Template]:
             if d.is_dir() and not d.name.startswith(".") and (d / MARKER).is_file()]
 
 
-def save(tmpl: Template, qmp_socket: Path, overlay: Path, inputs: dict, facts: dict,
-         image_built_at: float | None) -> float:
+def save(tmpl: Template, qmp_socket: Path, overlay: Path, serial_log: Path, inputs: dict,
+         facts: dict, image_built_at: float | None) -> float:
     """Save the running VM behind `qmp_socket` as `tmpl` and let it run on;
     returns the seconds the guest was paused. A concurrent save of the same
     key wins once; a failed save leaves nothing behind."""
@@ -138,6 +143,8 @@ def save(tmpl: Template, qmp_socket: Path, overlay: Path, inputs: dict, facts: d
             # migration flushed and handed off the disk: copy it while paused
             subprocess.run(["cp", "--sparse=always", "--reflink=auto", str(overlay),
                             str(scratch / "disk.qcow2")], check=True, capture_output=True)
+            if serial_log.is_file():
+                shutil.copyfile(serial_log, scratch / "serial.log")
         except BaseException:
             shutil.rmtree(scratch, ignore_errors=True)
             _resume(qmp_socket)

@@ -312,7 +312,8 @@ class VM(Emitter):
             return tmpl
         self.drop_session()                  # no open SSH connection in the saved guest
         paused = template_mod.save(tmpl, self.dir / "qmp.sock", self.dir / "overlay.qcow2",
-                                   inputs, st.facts, img.meta.get("built_at"))
+                                   self.dir / "serial.log", inputs, st.facts,
+                                   img.meta.get("built_at"))
         sync_clock(self.shared_session())    # it stood still while the guest was paused
         size = sum(p.stat().st_size for p in (tmpl.state, tmpl.disk))
         self.emit(Kind.TEMPLATE, f"saved template {tmpl.key} ({size >> 20} MiB; the guest "
@@ -405,6 +406,8 @@ class VM(Emitter):
         try:
             subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", "-b", str(backing),
                             "-F", "qcow2", str(cmd.disk)], check=True, capture_output=True)
+            if tmpl is not None:
+                seed_serial_log(cmd.serial_log, tmpl)
             (self.dir / "launch.json").write_text(json.dumps({"argv": cmd.argv()}))
             self.emit(Kind.BOOTING, f"{img.kernel_release} under {choice.accel}, "
                       f"{self.spec.cpus} cpus, {self.spec.memory >> 20} MiB"
@@ -619,6 +622,20 @@ def clean_console_line(text: str, width: int = 100) -> str:
     parts = [p for p in text.split("\r") if p.strip()]
     text = _CONTROL_RE.sub("", (parts[-1] if parts else "").replace("\t", " ")).strip()
     return text if len(text) <= width else text[:width - 1] + "\u2026"
+
+
+def seed_serial_log(log: Path, tmpl: Template) -> None:
+    """A restored guest prints nothing until something goes wrong: start its
+    log with the template's boot, then say where the restore began."""
+    try:
+        boot = tmpl.serial_log.read_bytes()
+    except OSError:
+        boot = b""
+    if boot and not boot.endswith(b"\n"):
+        boot += b"\n"
+    log.write_bytes(boot + f"[uffdlab] restored from template {tmpl.key} at "
+                           f"{time.strftime('%Y-%m-%d %H:%M:%S')}; the lines above are the "
+                           f"template's boot\n".encode())
 
 
 def last_console_line(serial: str, width: int = 100) -> str:

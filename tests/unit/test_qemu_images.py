@@ -124,6 +124,15 @@ def test_serial_to_file_and_qmp_socket():
     assert "-qmp" not in cmd(qmp_socket=None).argv()
 
 
+def test_a_restore_appends_to_the_serial_log_it_was_seeded_with():
+    argv = cmd(incoming=Path("/c/templates/k/state")).argv()
+    assert after(argv, "-serial") == ["chardev:serial0"]
+    assert after(argv, "-chardev") == ["file,id=serial0,append=on,path=/c/vms/guest/serial.log"]
+    assert after(argv, "-incoming") == ["exec:cat /c/templates/k/state"]
+    evil = cmd(incoming=Path("/c/s"), serial_log=Path("/c/x,path=/etc/passwd")).argv()
+    assert after(evil, "-chardev") == ["file,id=serial0,append=on,path=/c/x,,path=/etc/passwd"]
+
+
 def test_commas_in_paths_cannot_add_qemu_options():
     """QEMU reads -drive and -qmp as key=value lists where ',,' is a literal
     comma; -serial file: takes the rest verbatim (checked against QEMU 7.2)."""

@@ -112,7 +112,7 @@ def test_a_failed_save_leaves_no_template(tmp_path, monkeypatch):
     overlay = tmp_path / "overlay.qcow2"
     overlay.write_bytes(b"qcow")
     with pytest.raises(template.TemplateError, match="No space left on device"):
-        template.save(t, tmp_path / "qmp.sock", overlay, {}, {}, 1.0)
+        template.save(t, tmp_path / "qmp.sock", overlay, tmp_path / "serial.log", {}, {}, 1.0)
     assert not t.exists and not t.dir.exists()
     assert [p.name for p in t.dir.parent.iterdir()] == [".k2.lock"]
     assert calls[-1] == "cont"                 # the VM runs on after a failed save
@@ -124,3 +124,30 @@ def test_a_state_rewritten_after_its_check_is_checked_again(tmp_path):
     data = t.state.read_bytes()
     t.state.write_bytes(b"Y" * len(data))           # same size, rewritten in place
     assert "does not match the checksum" in t.problem(100.0)
+
+
+def test_a_saved_template_keeps_the_boot_log_and_a_restore_starts_with_it(tmp_path,
+                                                                          monkeypatch):
+    """The restored guest prints nothing before it fails: its log must still
+    say something (the template's boot, and where the restore began)."""
+    def qmp(sock, command, timeout=5.0, **args):
+        if command == "migrate":
+            Path(args["uri"].split("> ", 1)[1].strip("'")).write_bytes(b"RAM")
+        return {"status": "completed"} if command == "query-migrate" else {}
+
+    monkeypatch.setattr(template, "qmp", qmp)
+    t = Template("k3", tmp_path / "templates" / "k3")
+    overlay, boot = tmp_path / "overlay.qcow2", tmp_path / "serial.log"
+    overlay.write_bytes(b"qcow")
+    boot.write_text("Linux version 6.12\nDebian GNU/Linux login:")   # no final newline
+    template.save(t, tmp_path / "qmp.sock", overlay, boot, {}, {}, 1.0)
+    assert t.exists and t.serial_log.read_text() == boot.read_text()
+    log = tmp_path / "vm" / "serial.log"
+    log.parent.mkdir()
+    vm_mod.seed_serial_log(log, t)
+    lines = log.read_text().splitlines()
+    assert lines[:2] == ["Linux version 6.12", "Debian GNU/Linux login:"]
+    assert lines[2].startswith("[uffdlab] restored from template k3 at ")
+    t.serial_log.unlink()                            # a template saved without one
+    vm_mod.seed_serial_log(log, t)
+    assert log.read_text().startswith("[uffdlab] restored from template k3")
