@@ -24,9 +24,11 @@ __all__ = ["open_lab", "vm_for", "ready", "plan_run", "run_and_store", "run_matr
            "compare_runs", "PointResult", "SweepIndex"]
 
 
-def open_lab(path: str | Path | None = None) -> Lab:
-    """lab.yml from the given path, or the default one (see paths.default_lab_file)."""
-    return load_lab(path)
+def open_lab(path: str | Path | None = None, results: str | Path | None = None) -> Lab:
+    """lab.yml from the given path, or the default one (see paths.default_lab_file);
+    with `results`, runs are stored in that database instead of lab.yml's."""
+    lab = load_lab(path)
+    return lab if results is None else lab.model_copy(update={"results": Path(results)})
 
 
 def with_tree_kernel(lab: Lab, tree: str | Path, name: str = "mine", suite: str = "trixie",

@@ -291,6 +291,45 @@ class ProvisionVars(_Model):
         "absolute path of letters, digits and . _ - /; emptied on every build).")
 
 
+def _scheduler_address(v: Any) -> Any:
+    if not isinstance(v, str) or not re.fullmatch(r"(tcp|tls)://[A-Za-z0-9.\-\[\]:]+:\d{1,5}", v):
+        raise ValueError(f"expected a Dask scheduler address like tcp://HOST:8786, got "
+                         f"{short(v)}")
+    return v
+
+
+def _ssh_host(v: Any) -> Any:
+    if not isinstance(v, str) or not re.fullmatch(r"([A-Za-z0-9._-]+@)?[A-Za-z0-9.\-]+", v):
+        raise ValueError(f"expected a host name or address (optionally user@host), "
+                         f"got {short(v)}")
+    return v
+
+
+class ClusterSpec(_Model):
+    """Where sweep points run: one of an existing Dask scheduler, hosts to
+    start a cluster on over SSH, or (neither) a local cluster here."""
+
+    scheduler: Annotated[str | None, BeforeValidator(
+        lambda v: v if v is None else _scheduler_address(v))] = Field(
+        None, description="Use this running Dask scheduler (tcp://HOST:8786), e.g. one "
+        "'uffdlab cluster up' started.")
+    hosts: list[Annotated[str, BeforeValidator(_ssh_host)]] = Field(
+        default_factory=list, description="Start a cluster over SSH on these lab hosts "
+        "(the first one also runs the scheduler).")
+    vm_slots: Count | None = Field(None, ge=1, le=256, description="VMs one worker runs at "
+                                   "once; default: its cores // the VM's cpus, at least 1.")
+    retries: Count = Field(1, ge=0, le=10, description="How often a point whose worker died "
+                           "is tried again on another worker (a point that failed for a "
+                           "reason of its own is not).")
+
+    @model_validator(mode="after")
+    def _one_kind(self) -> ClusterSpec:
+        if self.scheduler and self.hosts:
+            raise ValueError(f"expected either scheduler or hosts, got both "
+                             f"(scheduler {self.scheduler!r}, hosts {self.hosts})")
+        return self
+
+
 def _one_line_path(p: Path) -> Path:
     _one_line(str(p))
     return p
@@ -313,6 +352,8 @@ class Lab(_Model):
     vms: dict[str, VMSpec] = Field(description="VMs by name.")
     provision: ProvisionVars = Field(default_factory=ProvisionVars,
                                      description="Guest settings for Ansible.")
+    cluster: ClusterSpec | None = Field(None, description="Run sweep points on Dask "
+                                        "workers (absent: one after another, here).")
     # Where the file was read from; relative paths resolve against it.
     source: Path = Field(Path("lab.yml"), exclude=True)
     # YAML path -> line, for problems found after loading (kernel files, cache)
@@ -722,9 +763,9 @@ def option_help() -> list[tuple[str, str, str]]:
                 continue
             ann = field.annotation
             args = getattr(ann, "__args__", ())
-            sub = ann if isinstance(ann, type) and issubclass(ann, BaseModel) else (
-                args[-1] if args and isinstance(args[-1], type)
-                and issubclass(args[-1], BaseModel) else None)
+            # a model, a dict of models, or an optional model (`X | None`)
+            models = [a for a in (ann, *args) if isinstance(a, type) and issubclass(a, BaseModel)]
+            sub = models[0] if models else None
             key = f"{prefix}{name}"
             if sub is not None and "dict" in str(ann):
                 key += ".<name>"

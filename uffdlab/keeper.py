@@ -4,7 +4,9 @@
 `VM.up()` starts `python -m uffdlab.keeper STATE_DIR`, which starts QEMU and
 stays with it. While the VM boots, the keeper watches a pipe from the caller:
 if the caller dies (Ctrl-C, kill -9, a crashed notebook) before it writes
-"detach", the keeper stops QEMU. Whenever QEMU exits, for whatever reason,
+"detach", the keeper stops QEMU. A VM with an owner (a fresh VM of a sweep
+point, whose process may be a Dask worker) is stopped when that process
+goes, however it goes. Whenever QEMU exits, for whatever reason,
 the keeper deletes the overlay and the VM's state. QEMU is tied to the keeper
 with PR_SET_PDEATHSIG, so even a killed keeper takes QEMU with it; the
 overlay it then leaves is what `uffdlab down --all` sweeps up.
@@ -19,9 +21,10 @@ import sys
 import threading
 from pathlib import Path
 
-from .owned import remove_vm_dir
+from .owned import ProcessId, remove_vm_dir
 
 PR_SET_PDEATHSIG = 1
+OWNER_POLL_SECONDS = 1.0
 
 
 def die_with_parent() -> None:
@@ -61,12 +64,14 @@ def main(state_dir: Path) -> int:
         stop()                                     # caller gone before the VM was ready
 
     threading.Thread(target=watch_caller, daemon=True).start()
+    owner = ProcessId.from_dict(launch.get("owner"))
     while True:
         try:
-            qemu.wait(timeout=5)
+            qemu.wait(timeout=OWNER_POLL_SECONDS)
             break
         except subprocess.TimeoutExpired:
-            continue
+            if owner is not None and not owner.alive():
+                stop()                             # its owner is gone: nobody will stop it
     cleanup(state_dir)
     return 0
 

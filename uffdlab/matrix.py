@@ -8,11 +8,15 @@ lacks a feature gets an UNSUPPORTED cell carrying the feature and the first
 Linux release that has it (typed, from scenarios.MissingFeature), and the
 scenario is not run there. The others are run and stored as any run is.
 A VM that does not come up turns its row into VM_FAILED cells and the
-matrix goes on with the next image.
+matrix goes on with the next image. Kernels run side by side when this
+machine has a VM slot for each (its cores over the VM's cpus), else one
+after another.
 """
 from __future__ import annotations
 
+import os
 from collections.abc import Iterable, Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from enum import StrEnum
 from typing import TYPE_CHECKING, Any
@@ -303,26 +307,37 @@ def run_matrix(lab: Lab, images: Sequence[str], scenarios: Iterable[str | Case |
            for image in dict.fromkeys(images)}             # unknown image: error before booting
     result = MatrixResult([p.case for p in planned], list(vms), [])
     started: list[VM] = []
+
+    def one_kernel(image: str, vm: VM) -> tuple[dict | None, list[Cell], dict]:
+        """Bring up one kernel's VM and run every case on it: (its probe or
+        None, its cells, its runs)."""
+        if vm.state() is None:
+            started.append(vm)
+        try:
+            vm.up(reuse=True)
+            probe = provision.ensure_provisioned(vm)["probe"]
+        except Exception as e:          # this kernel is out; the others go on
+            if vm in started:
+                vm.down()               # do not leave a half-booted VM behind
+            return None, [Cell(image, None, p.case.label, Outcome.VM_FAILED,
+                               error=f"{type(e).__name__}: {e}") for p in planned], {}
+        runs: dict[str, RunResult] = {}
+        cells = [_run_case(vm, image, probe, p, runs) for p in planned]
+        if teardown and vm in started:
+            vm.down()
+        return probe, cells, runs
+
+    # kernels side by side when this machine has VM slots for them
+    slots = min(len(vms), max(1, (os.cpu_count() or 1) // max(1, vm_cpus)))
     try:
-        for image, vm in vms.items():
-            if vm.state() is None:
-                started.append(vm)
-            try:
-                vm.up(reuse=True)
-                probe = provision.ensure_provisioned(vm)["probe"]
-            except Exception as e:          # this kernel is out; the others go on
-                result.kernels[image] = None
-                result.cells += [Cell(image, None, p.case.label, Outcome.VM_FAILED,
-                                      error=f"{type(e).__name__}: {e}") for p in planned]
-                if vm in started:
-                    vm.down()               # do not leave a half-booted VM behind
-                continue
-            result.probes[image] = probe
-            result.kernels[image] = probe.get("kernel")
-            for p in planned:
-                result.cells.append(_run_case(vm, image, probe, p, result.results))
-            if teardown and vm in started:
-                vm.down()
+        with ThreadPoolExecutor(slots) as pool:
+            done = list(pool.map(lambda item: one_kernel(*item), vms.items()))
+        for image, (probe, cells, runs) in zip(vms, done):
+            result.kernels[image] = probe.get("kernel") if probe else None
+            if probe is not None:
+                result.probes[image] = probe
+            result.cells += cells
+            result.results.update(runs)
     finally:
         if teardown:                        # interrupted: stop what this call started
             for vm in started:

@@ -16,7 +16,10 @@ from __future__ import annotations
 
 import json
 import os
+import re
+import shutil
 import signal
+import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -150,3 +153,28 @@ class ProcessId:
 
     def kill(self) -> bool:
         return self.signal(signal.SIGKILL)
+
+
+# -- scratch directories of a process -----------------------------------------
+
+def process_scratch(prefix: str, root: Path | None = None) -> tempfile.TemporaryDirectory:
+    """A temporary directory whose name carries this process's PID and start
+    time, so that reap_scratch() can remove it if the process is killed
+    before it removes the directory itself."""
+    me = ProcessId.of(os.getpid(), "")
+    return tempfile.TemporaryDirectory(prefix=f"{prefix}{me.pid}.{me.start}-",
+                                       dir=str(root) if root is not None else None)
+
+
+def reap_scratch(prefix: str, root: Path | None = None) -> list[Path]:
+    """Remove the scratch directories (process_scratch's) of processes that
+    are gone; a name that does not parse is not the lab's and stays."""
+    gone = []
+    base = Path(root) if root is not None else Path(tempfile.gettempdir())
+    for d in base.glob(f"{prefix}*"):
+        m = re.fullmatch(re.escape(prefix) + r"(\d+)\.(\d+)-\w+", d.name)
+        if m and d.is_dir() and not d.is_symlink() \
+                and not ProcessId(int(m[1]), int(m[2]), "").alive():
+            shutil.rmtree(d, ignore_errors=True)
+            gone.append(d)
+    return gone

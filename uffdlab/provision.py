@@ -12,17 +12,14 @@ import fcntl
 import hashlib
 import json
 import os
-import re
-import shutil
 import sys
-import tempfile
 import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
 from .model import Kind
-from .owned import ProcessId
+from .owned import process_scratch, reap_scratch
 from .paths import PLAYBOOKS
 from .tools import sources_tarball, tools_digest, tools_version
 from .vm import VM, VMError
@@ -71,8 +68,7 @@ def provision(vm: VM, playbook: str = "provision.yml") -> ProvisionResult:
     # name carries this process's identity, so a later provisioning can
     # remove it if this process is killed before it can.
     reap_scratch_dirs()
-    me = ProcessId.of(os.getpid(), "")
-    with tempfile.TemporaryDirectory(prefix=f"{SCRATCH_PREFIX}{me.pid}.{me.start}-") as tmp:
+    with process_scratch(SCRATCH_PREFIX) as tmp:
         tmp = Path(tmp)
         tarball = sources_tarball(tmp / "guest-tools.tar", _kernel_headers(vm))
         (tmp / "cp").mkdir()
@@ -127,15 +123,8 @@ SCRATCH_PREFIX = "uffdlab-ans-"
 
 
 def reap_scratch_dirs() -> list[Path]:
-    """Remove the scratch directories of provisioners that were killed
-    (their PID and start time no longer name a live process)."""
-    gone = []
-    for d in Path(tempfile.gettempdir()).glob(f"{SCRATCH_PREFIX}*"):
-        m = re.fullmatch(re.escape(SCRATCH_PREFIX) + r"(\d+)\.(\d+)-\w+", d.name)
-        if m and d.is_dir() and not ProcessId(int(m[1]), int(m[2]), "").alive():
-            shutil.rmtree(d, ignore_errors=True)
-            gone.append(d)
-    return gone
+    """Remove the scratch directories of provisioners that were killed."""
+    return reap_scratch(SCRATCH_PREFIX)
 
 
 def _wait_for_sshd(vm: VM, seconds: float = 120) -> None:

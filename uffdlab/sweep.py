@@ -104,7 +104,8 @@ def _parameters(info: ValidationInfo) -> dict[str, Any] | None:
 
 
 # Point-notebook parameters run_sweep fills in for every point.
-SET_BY_SWEEP = ("lab_path", "sweep_id", "teardown", "result_path", "fresh", "vm_name")
+SET_BY_SWEEP = ("lab_path", "sweep_id", "teardown", "result_path", "fresh", "vm_name",
+                "results_db")
 
 
 def _parameter_key(section: str) -> Any:
@@ -288,6 +289,8 @@ class SweepPoint(BaseModel):
     run_id: str | None = None
     error: str | None = None
     seconds: float = 0.0
+    host: str | None = None              # where it ran (a cluster worker's host)
+    worker: str | None = None
 
 
 class SweepIndex(BaseModel):
@@ -298,6 +301,8 @@ class SweepIndex(BaseModel):
     notebook: str                        # the point notebook
     fixed: dict[str, Any]
     grid: dict[str, list[Any]]
+    fresh: bool = True
+    teardown: bool = True
     points: list[SweepPoint] = Field(default_factory=list)
     # where it is saved (not saved itself: a moved directory still loads)
     directory: Path | None = Field(None, exclude=True)
@@ -338,6 +343,13 @@ class SweepIndex(BaseModel):
     def find(cls, lab: Lab, sweep_dir: str | os.PathLike | None = None) -> SweepIndex:
         """The sweep in `sweep_dir`, or the lab's newest one when it is None."""
         return cls.load(sweep_dir) if sweep_dir else cls.latest(sweeps_root(lab))
+
+    def record(self, point: SweepPoint) -> None:
+        """Add (or replace) a point and save: the index is on disk after
+        every point, in grid order whatever order points finish in."""
+        self.points = sorted([p for p in self.points if p.index != point.index] + [point],
+                             key=lambda p: p.index)
+        self.save()
 
     # -- contents -----------------------------------------------------------
     @property
@@ -391,52 +403,173 @@ class SweepResult:
         return self.index.failed
 
 
+@dataclass(frozen=True)
+class PointFiles:
+    """A point's files in its sweep's directory."""
+
+    notebook: Path           # the executed point notebook
+    result: Path             # its PointResult
+    run: Path                # a cluster point's run as the worker returned it: the
+                             # journal a resumed sweep stores from
+
+
+def point_files(directory: Path, i: int) -> PointFiles:
+    stem = Path(directory) / f"point-{i:03d}"
+    return PointFiles(stem.with_suffix(".ipynb"), stem.with_suffix(".result.json"),
+                      stem.with_suffix(".run.json"))
+
+
+class SweepError(Exception):
+    pass
+
+
 def run_sweep(lab: Lab, grid: Grid, listener: Listener | None = None,
-              out_root: Path | None = None) -> SweepResult:
+              out_root: Path | None = None, *, cluster: bool | None = None,
+              resume: SweepIndex | None = None) -> SweepResult:
+    """Run every point of `grid` (with `resume`, an interrupted sweep's
+    index: only its missing points), here one after another or, with
+    `cluster` (default: when lab.yml has a cluster section), on Dask
+    workers; then render the sweep report."""
     ev = Emitter("sweep", listener)
     points = grid.points()
+    index = resume if resume is not None else _new_index(lab, grid, out_root)
+    on_cluster = lab.cluster is not None if cluster is None else cluster
+    _adopt_finished(lab, index, len(points), ev)
+    done = {p.index for p in index.points}
+    todo = [i for i in range(len(points)) if i not in done]
+    ev.emit(Kind.PROGRESS, f"{len(done)}/{len(points)} points"
+            + (f" (resuming sweep {index.sweep_id}: {len(todo)} to run)" if resume else ""),
+            done=len(done), total=len(points))
+    if todo and on_cluster:
+        from . import cluster as cluster_mod
+        _needs_parameters(grid, ("result_path", "results_db"), "on a cluster")
+        lab_text = lab.source.read_text()
+        lock = lab.source.parent / "lab.lock"
+        lock_text = lock.read_text() if lock.is_file() else None
+        jobs = {i: cluster_mod.PointJob(index.sweep_id, i, grid.notebook,
+                                        {**grid.fixed, **points[i]}, grid.fresh,
+                                        str(lab.source.resolve()), lab_text, lock_text)
+                for i in todo}
+        cluster_mod.run_points(lab, grid, index, todo, jobs, ev)
+    elif todo:
+        _run_here(lab, grid, index, todo, ev)
+    if grid.teardown and not grid.fresh and not on_cluster:   # fresh VMs stop themselves
+        _teardown(lab, grid, points, ev)
+    return SweepResult(index, _render_report(index.directory, lab, ev))
+
+
+def resume_sweep(lab: Lab, sweep: str, listener: Listener | None = None, *,
+                 cluster: bool | None = None) -> SweepResult:
+    """Run the points an interrupted sweep (an id under results/sweeps/, or
+    its directory) did not finish, with the grid it was started with."""
+    directory = Path(sweep) if Path(sweep).is_dir() else sweeps_root(lab) / sweep
+    try:
+        index = SweepIndex.load(directory)
+    except OSError:
+        known = sorted(p.parent.name for p in sweeps_root(lab).glob(f"*/{INDEX_FILE}"))
+        raise SweepError(f"--resume: expected a sweep id under {sweeps_root(lab)} or a sweep "
+                         f"directory, got {sweep!r}"
+                         + (f" (known: {', '.join(known[-5:])})" if known else "")) from None
+    if Path(index.lab).resolve() != lab.source.resolve():
+        raise SweepError(f"--resume: sweep {index.sweep_id} was run with {index.lab}, not "
+                         f"{lab.source}; pass --lab {index.lab}")
+    grid = Grid.model_validate({"notebook": index.notebook, "fixed": index.fixed,
+                                "grid": index.grid, "fresh": index.fresh,
+                                "teardown": index.teardown}, context={})
+    return run_sweep(lab, grid, listener, cluster=cluster, resume=index)
+
+
+def _new_index(lab: Lab, grid: Grid, out_root: Path | None) -> SweepIndex:
     digest = hashlib.sha256(json.dumps([grid.fixed, grid.grid], sort_keys=True,
                                        default=str).encode()).hexdigest()[:6]
     sweep_id = time.strftime("%Y%m%d-%H%M%S-") + digest
     out = (out_root or sweeps_root(lab)) / sweep_id
     out.mkdir(parents=True, exist_ok=True)
     index = SweepIndex(sweep_id=sweep_id, lab=str(lab.source), notebook=grid.notebook,
-                       fixed=grid.fixed, grid=grid.grid, directory=out)
+                       fixed=grid.fixed, grid=grid.grid, fresh=grid.fresh,
+                       teardown=grid.teardown, directory=out)
+    index.save()                 # from the start: an interrupted sweep can be resumed
+    return index
+
+
+def _needs_parameters(grid: Grid, names: tuple[str, ...], why: str) -> None:
+    have = notebook_parameters(NOTEBOOKS / grid.notebook)
+    missing = [n for n in names if n not in have]
+    if missing:
+        raise SweepError(f"notebook: {grid.notebook} has no parameter {', '.join(missing)}, "
+                         f"which a point {why} needs (10-snapshot.ipynb has them)")
+
+
+def _adopt_finished(lab: Lab, index: SweepIndex, total: int, ev: Emitter) -> None:
+    """Points an interrupted sweep finished but did not index: a result
+    file whose run is stored (or stored now from its journal) is the point's
+    outcome; anything less and the point runs again."""
+    from .cluster import store_once
+    from .results import ResultsDB
+    done = {p.index for p in index.points}
+    for i in range(total):
+        files = point_files(index.directory, i)
+        if i in done or not files.result.exists():
+            continue
+        try:
+            result = PointResult.read(files.result)
+            if files.run.exists():
+                store_once(lab, json.loads(files.run.read_text()))
+        except (OSError, ValueError) as e:
+            ev.emit(Kind.PROGRESS, f"point {i} runs again: {e}")
+            continue
+        if result.run_id is not None:
+            if not lab.results_path.exists():
+                continue
+            with ResultsDB(lab.results_path) as db:
+                if not db.has_run(result.run_id):
+                    continue
+        index.record(SweepPoint(index=i, params=grid_point(index, i),
+                                notebook=files.notebook.name, status=result.status,
+                                run_id=result.run_id, error=result.error))
+        ev.emit(Kind.PROGRESS, f"point {i} had finished: {result}")
+
+
+def grid_point(index: SweepIndex, i: int) -> dict[str, Any]:
+    keys = list(index.grid)
+    return dict(zip(keys, list(itertools.product(*index.grid.values()))[i], strict=True))
+
+
+def _run_here(lab: Lab, grid: Grid, index: SweepIndex, todo: list[int], ev: Emitter) -> None:
+    """The points `todo`, one after another on this machine: while a fresh
+    point's notebook draws its plots, the next point's VM comes up."""
+    points = grid.points()
     defaults = notebook_parameters(NOTEBOOKS / grid.notebook)
-    ev.emit(Kind.PROGRESS, f"0/{len(points)} points", done=0, total=len(points))
-    runs = []
-    for i, point in enumerate(points):
-        result_file = out / f"point-{i:03d}.result.json"
-        params = {**grid.fixed, **point,      # then SET_BY_SWEEP:
-                  "lab_path": str(lab.source.resolve()), "sweep_id": sweep_id,
-                  "teardown": False, "result_path": str(result_file), "fresh": grid.fresh}
-        runs.append((params, {**defaults, **params}, result_file))
+    runs = {}
+    for i in todo:
+        files = point_files(index.directory, i)
+        params = {**grid.fixed, **points[i],      # then SET_BY_SWEEP:
+                  "lab_path": str(lab.source.resolve()), "sweep_id": index.sweep_id,
+                  "teardown": False, "result_path": str(files.result), "fresh": grid.fresh}
+        runs[i] = (params, {**defaults, **params}, files)
     ahead: list[_Bringup | None] = [None]   # the next point's VM, started early
     try:
-        for i, point in enumerate(points):
-            params, resolved, result_file = runs[i]
+        for n, i in enumerate(todo):
+            params, resolved, files = runs[i]
             bringup = ahead[0] or _start_bringup(lab, resolved, grid.fresh, ev)
             ahead[0] = None
             after = None
-            if grid.fresh and i + 1 < len(points):
-                def after(nxt=runs[i + 1][1]):       # noqa: E306 (bound per point)
+            if grid.fresh and n + 1 < len(todo):
+                def after(nxt=runs[todo[n + 1]][1]):   # noqa: E306 (bound per point)
                     ahead[0] = _start_bringup(lab, nxt, True, ev)
             t0 = time.monotonic()
-            outcome = _run_point(grid, NOTEBOOKS / grid.notebook, out / f"point-{i:03d}.ipynb",
-                                 params, bringup, result_file, ev, after)
-            entry = SweepPoint(index=i, params=point, notebook=f"point-{i:03d}.ipynb",
-                               status=outcome.status, run_id=outcome.run_id,
-                               error=outcome.error, seconds=round(time.monotonic() - t0, 1))
-            index.points.append(entry)
-            index.save()
-            ev.emit(Kind.PROGRESS, f"{i + 1}/{len(points)} points; last {entry.status} "
-                    f"({_describe_point(point)})", done=i + 1, total=len(points))
+            outcome = _run_point(grid.fresh, NOTEBOOKS / grid.notebook, files.notebook,
+                                 params, bringup, files.result, ev, after)
+            index.record(SweepPoint(index=i, params=points[i], notebook=files.notebook.name,
+                                    status=outcome.status, run_id=outcome.run_id,
+                                    error=outcome.error,
+                                    seconds=round(time.monotonic() - t0, 1)))
+            ev.emit(Kind.PROGRESS, f"{len(index.points)}/{len(points)} points; last "
+                    f"{outcome.status} ({_describe_point(points[i])})",
+                    done=len(index.points), total=len(points))
     finally:
         if ahead[0] is not None:                  # interrupted after the early start
             ahead[0].discard()
-    if grid.teardown and not grid.fresh:          # fresh points stop their own VMs
-        _teardown(lab, grid, points, ev)
-    return SweepResult(index, _render_report(out, lab, ev))
 
 
 class _Bringup:
@@ -448,6 +581,7 @@ class _Bringup:
     def __init__(self, vm, fresh: bool):
         self.vm, self.fresh = vm, fresh
         self.failed: list[BaseException] = []
+        self._stopped = False
         self._thread = threading.Thread(target=self._up, daemon=True)
         self._thread.start()
 
@@ -465,9 +599,10 @@ class _Bringup:
         return self.failed[0] if self.failed else None
 
     def discard(self) -> None:
-        """Wait for it, then stop a fresh VM: nobody will use it."""
+        """Wait for it, then stop a fresh VM (once): nobody will use it."""
         self.join()
-        if self.fresh:
+        if self.fresh and not self._stopped:
+            self._stopped = True
             self.vm.down()
 
 
@@ -483,7 +618,7 @@ def _start_bringup(lab: Lab, p: dict[str, Any], fresh: bool, ev: Emitter) -> _Br
     return _Bringup(vm, fresh)
 
 
-def _run_point(grid: Grid, notebook: Path, nb_out: Path, params: dict[str, Any],
+def _run_point(fresh: bool, notebook: Path, nb_out: Path, params: dict[str, Any],
                bringup: _Bringup | None, result_file: Path, ev: Emitter,
                after: Callable[[], None] | None = None) -> PointResult:
     """Execute a point's notebook on the VM `bringup` brings up (here, where
@@ -501,7 +636,7 @@ def _run_point(grid: Grid, notebook: Path, nb_out: Path, params: dict[str, Any],
 
         def finished_run() -> None:
             try:
-                if grid.fresh:
+                if fresh:
                     bringup.discard()     # a no-op when the notebook stopped it first
                 if after is not None:
                     after()
@@ -517,7 +652,7 @@ def _run_point(grid: Grid, notebook: Path, nb_out: Path, params: dict[str, Any],
             return PointResult(None, Status.FAILED, None, why)
         return result
     finally:
-        if bringup is not None and grid.fresh:
+        if bringup is not None and fresh:
             try:
                 bringup.discard()     # False when the notebook already stopped it
             except Exception as e:

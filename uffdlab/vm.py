@@ -152,6 +152,9 @@ class VM(Emitter):
         self.lab = lab
         self.images = ImageStore(lab, listener)
         self.dir = lab_vms_dir(lab) / self.name
+        # the process whose end stops this VM (its keeper watches it); None:
+        # the VM lives until 'uffdlab down'
+        self.owner: ProcessId | None = None
 
     @classmethod
     def for_shape(cls, lab: Lab, image: str, memory: str | int = "1536M", cpus: int = 2,
@@ -170,7 +173,10 @@ class VM(Emitter):
             if fresh:
                 name += "-" + os.urandom(3).hex()
         spec = VMSpec(image=image, memory=size, cpus=cpus)
-        return cls(lab.model_copy(update={"vms": {**lab.vms, name: spec}}), name, listener)
+        vm = cls(lab.model_copy(update={"vms": {**lab.vms, name: spec}}), name, listener)
+        if fresh:       # disposable: it must not outlive the process that asked for it
+            vm.owner = ProcessId.of(os.getpid(), "")
+        return vm
 
     # -- paths ------------------------------------------------------------
     @property
@@ -408,7 +414,10 @@ class VM(Emitter):
                             "-F", "qcow2", str(cmd.disk)], check=True, capture_output=True)
             if tmpl is not None:
                 seed_serial_log(cmd.serial_log, tmpl)
-            (self.dir / "launch.json").write_text(json.dumps({"argv": cmd.argv()}))
+            launch = {"argv": cmd.argv()}
+            if self.owner is not None:
+                launch["owner"] = self.owner.to_dict()
+            (self.dir / "launch.json").write_text(json.dumps(launch))
             self.emit(Kind.BOOTING, f"{img.kernel_release} under {choice.accel}, "
                       f"{self.spec.cpus} cpus, {self.spec.memory >> 20} MiB"
                       + (f", restoring template {tmpl.key}" if tmpl else ""),

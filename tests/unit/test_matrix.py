@@ -302,3 +302,34 @@ def test_my_kernel_notebook_code_path(layer, monkeypatch):
     assert table.shape == (2, 2)
     assert "WP_ASYNC" in explanation.data and "6.7" in explanation.data
     assert {i for i, _, _ in layer.runs} == {"bookworm", "mine"}
+
+
+def test_kernels_run_side_by_side_when_there_are_slots(layer, monkeypatch):
+    """With a VM slot per kernel both VMs are up at once (each up() waits
+    for the other); the cells still come out in image order."""
+    import threading
+    both_up = threading.Barrier(2, timeout=10)
+    fake_up = layer.vm_class().up
+
+    def up(self, reuse=False):
+        fake_up(self, reuse)
+        both_up.wait()                      # raises BrokenBarrierError if alone
+    monkeypatch.setattr(matrix.VM, "up", up)
+    monkeypatch.setattr(matrix.os, "cpu_count", lambda: 4)
+    m = run(layer)
+    assert all(c.outcome != Outcome.VM_FAILED for c in m.cells)
+    assert [c.image for c in m.cells] == ["bookworm"] * len(CASES) + ["trixie"] * len(CASES)
+
+
+def test_one_slot_runs_kernels_one_after_another(layer, monkeypatch):
+    monkeypatch.setattr(matrix.os, "cpu_count", lambda: 2)
+    order = []
+    fake_up = matrix.VM.up
+
+    def up(self, reuse=False):
+        order.append((self.image, len(layer.runs)))
+        fake_up(self, reuse)
+    monkeypatch.setattr(matrix.VM, "up", up)
+    run(layer)
+    bookworm_runs = sum(image == "bookworm" for image, _, _ in layer.runs)
+    assert order == [("bookworm", 0), ("trixie", bookworm_runs)]   # after all of bookworm's

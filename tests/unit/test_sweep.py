@@ -184,7 +184,8 @@ def test_grid_loads_and_counts_without_expanding(tmp_path):
     ("grid:\n  writers: [1]\n  size: []\n", "3: grid.size: expected a non-empty list, got []"),
     ("fixed:\n  result_path: /tmp/x\ngrid:\n  writers: [1]\n",
      "2: fixed.result_path: expected a parameter the sweep does not set itself (it sets "
-     "lab_path, sweep_id, teardown, result_path, fresh, vm_name for every point), "
+     "lab_path, sweep_id, teardown, result_path, fresh, vm_name, results_db for every "
+     "point), "
      "got 'result_path'"),
     ("grid:\n  writers: 4\n", "2: grid.writers: expected a non-empty list, got 4"),
     ("fixed:\n  image: trixie\n  sizes: 32M\ngrid:\n  writers: [1]\n",
@@ -358,7 +359,8 @@ def test_an_interrupted_fresh_sweep_stops_the_vm_it_started_early(lab, tmp_path,
 
 
 def test_cmd_sweep_table_and_exit_code(lab, tmp_path, fake_papermill, capsys):
-    args = argparse.Namespace(lab=str(lab.source), grid=str(five_points(tmp_path)))
+    args = argparse.Namespace(lab=str(lab.source), grid=str(five_points(tmp_path)),
+                              resume=None, cluster=None)
     assert cli_notebooks.cmd_sweep(args) == 1               # some points failed
     out = capsys.readouterr().out
     rows = [line.split() for line in out.splitlines()[1:6]]

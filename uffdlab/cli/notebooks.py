@@ -4,19 +4,33 @@ from __future__ import annotations
 
 import sys
 
-from .common import EXIT_FAIL, EXIT_OK, Renderer, lab_of, table
+from .common import EXIT_CONFIG, EXIT_FAIL, EXIT_OK, Renderer, lab_of, table
 
 
 def cmd_sweep(args) -> int:
-    from ..sweep import load_grid, run_sweep
+    from ..cluster import ClusterError
+    from ..sweep import SweepError, load_grid, resume_sweep, run_sweep
     lab = lab_of(args)
-    grid = load_grid(args.grid)
-    print(f"sweep: {grid.size} points of {grid.notebook}", file=sys.stderr)
-    res = run_sweep(lab, grid, Renderer())
+    if (args.grid is None) == (args.resume is None):
+        print("uffdlab sweep: expected GRID.yml or --resume ID (one of them), got "
+              + ("both" if args.grid else "neither"), file=sys.stderr)
+        return EXIT_CONFIG
+    try:
+        if args.resume:
+            res = resume_sweep(lab, args.resume, Renderer(), cluster=args.cluster)
+        else:
+            grid = load_grid(args.grid)
+            print(f"sweep: {grid.size} points of {grid.notebook}", file=sys.stderr)
+            res = run_sweep(lab, grid, Renderer(), cluster=args.cluster)
+    except (SweepError, ClusterError) as e:
+        print(f"uffdlab sweep: {e}", file=sys.stderr)
+        return EXIT_FAIL
+    hosts = any(p.host for p in res.points)
     rows = [[str(p.index), ", ".join(f"{k}={v}" for k, v in p.params.items()), str(p.status),
-             p.run_id or "", f"{p.seconds:.0f} s", (p.error or "")[:60]]
-            for p in res.points]
-    table(["#", "point", "status", "run", "time", "error"], rows)
+             p.run_id or "", f"{p.seconds:.0f} s"] + ([p.host or ""] if hosts else [])
+            + [(p.error or "")[:60]] for p in res.points]
+    table(["#", "point", "status", "run", "time"] + (["host"] if hosts else []) + ["error"],
+          rows)
     print(f"executed notebooks, result files and index.json: {res.directory}")
     if res.report:
         print(f"sweep report: {res.report}")
@@ -90,7 +104,16 @@ def cmd_jupyter_install(args) -> int:
 
 def register(sub) -> None:
     w = sub.add_parser("sweep", help="execute 10-snapshot for every point of a grid")
-    w.add_argument("grid", metavar="GRID.yml")
+    w.add_argument("grid", metavar="GRID.yml", nargs="?")
+    w.add_argument("--resume", metavar="ID",
+                   help="run only the points sweep ID (or its directory) did not finish")
+    place = w.add_mutually_exclusive_group()
+    place.add_argument("--cluster", action="store_true", default=None,
+                       help="run the points on Dask workers (lab.yml's cluster section; "
+                       "without one, a local cluster of this machine's VM slots)")
+    place.add_argument("--here", dest="cluster", action="store_false",
+                       help="one point after another on this machine, even with a cluster "
+                       "section")
     w.set_defaults(func=cmd_sweep)
 
     d = sub.add_parser("demo", help="the main job: image, then 10-snapshot executed")

@@ -15,14 +15,17 @@ if TYPE_CHECKING:
 
 
 def sweep_table(index: SweepIndex, frames: Frames) -> pd.DataFrame:
-    """A row per point (failed ones too): its parameters, status, time and
-    its run's main metrics and verdict."""
+    """A row per point (failed ones too): its parameters, status, time, the
+    host that ran it (a sweep on a cluster) and its run's main metrics and
+    verdict."""
     import pandas as pd
 
+    hosts = ["host"] if any(p.host for p in index.points) else []
     points = pd.DataFrame(
         [{"point": p.index, **p.params, "status": str(p.status), "run_id": p.run_id,
-          "seconds": p.seconds} for p in index.points],
-        columns=["point", *index.grid, "status", "run_id", "seconds"])
+          "seconds": p.seconds, "host": f"{p.host} ({p.worker})" if p.worker else p.host}
+         for p in index.points],
+        columns=["point", *index.grid, "status", "run_id", "seconds", *hosts])
     metrics = frames.runs[["run_id", "accel", "snapshot_ms", "pause_ms", "lat_p99_us",
                            "stall_max_ms", "mismatched_pages"]]
     table = points.merge(metrics, on="run_id", how="left")
