@@ -16,12 +16,13 @@ from .provision import ensure_provisioned
 from .rerun import Comparison, plan_rerun, rerun
 from .runner import Prepared, prepare, run_and_store
 from .scenarios import for_strategy
-from .sweep import PointResult, SweepIndex
+from .sweep import PointResult, SweepIndex, load_grid, resume_sweep, run_sweep
 from .vm import VM, VMState
 
 __all__ = ["open_lab", "vm_for", "ready", "plan_run", "run_and_store", "run_matrix",
            "with_tree_kernel", "build_kernel", "kernel_source", "plan_rerun", "rerun",
-           "compare_runs", "PointResult", "SweepIndex"]
+           "compare_runs", "PointResult", "SweepIndex", "load_grid", "run_sweep",
+           "resume_sweep"]
 
 
 def open_lab(path: str | Path | None = None, results: str | Path | None = None) -> Lab:

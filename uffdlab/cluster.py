@@ -34,7 +34,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from .config import Lab, load_lab
+from .config import ClusterSpec, Lab, load_lab
 from .events import Emitter, Event
 from .model import Kind, RunResult, Status
 from .owned import process_scratch, reap_scratch
@@ -180,8 +180,9 @@ class _WorkerEvents:
     `uffdlab`), tagged with the point, the host and the worker."""
 
     def __init__(self, job: PointJob, host: str, worker: str):
+        # not "worker": the scheduler sets that key to the worker's address
         self.base = {"sweep": job.sweep_id, "point": job.index, "host": host,
-                     "worker": worker}
+                     "worker_name": worker}
         # found now, in the task's thread: the VM's events come from others
         # (log_event itself may be called from any thread)
         try:
@@ -264,29 +265,28 @@ def connect(lab: Lab, vm_cpus: int, ev: Emitter):
     """A Dask client for the lab's cluster: its scheduler, a cluster started
     over SSH on its hosts, or a local one; closed (and a cluster started
     here stopped) on leaving."""
-    import dask
     from distributed import Client, LocalCluster
 
     spec = lab.cluster
     retries = spec.retries if spec is not None else 1
     cluster = None
-    with dask.config.set({"distributed.scheduler.allowed-failures": retries}):
-        if spec is not None and spec.scheduler:
-            try:
-                client = Client(spec.scheduler, timeout="20s")
-            except OSError as e:
-                raise ClusterError(f"{lab.source}: cluster.scheduler: no Dask scheduler "
-                                   f"answers at {spec.scheduler} ({e}); 'uffdlab cluster up "
-                                   f"HOSTS.yml' starts one") from e
-        elif spec is not None and spec.hosts:
-            cluster = _ssh_cluster(lab, vm_cpus)
-            client = Client(cluster)
-        else:
-            slots = spec.vm_slots if spec is not None and spec.vm_slots else slots_here(vm_cpus)
-            cluster = LocalCluster(n_workers=1, threads_per_worker=slots, processes=True,
-                                   resources={RESOURCE: slots}, dashboard_address=":0",
-                                   silence_logs=40)
-            client = Client(cluster)
+    if spec is not None and spec.scheduler:
+        try:
+            client = Client(spec.scheduler, timeout="20s")
+        except OSError as e:
+            raise ClusterError(f"{lab.source}: cluster.scheduler: no Dask scheduler "
+                               f"answers at {spec.scheduler} ({e}); 'uffdlab cluster up "
+                               f"HOSTS.yml' starts one") from e
+    elif spec is not None and spec.hosts:
+        cluster = ssh_cluster(spec, retries)
+        client = Client(cluster)
+    else:
+        slots = spec.vm_slots if spec is not None and spec.vm_slots else slots_here(vm_cpus)
+        cluster = LocalCluster(n_workers=1, threads_per_worker=slots, processes=True,
+                               resources={RESOURCE: slots}, dashboard_address=":0",
+                               silence_logs=40,
+                               scheduler_kwargs={"allowed_failures": retries})
+        client = Client(cluster)
     try:
         _check_cluster(client, retries, ev)
         yield client
@@ -296,19 +296,21 @@ def connect(lab: Lab, vm_cpus: int, ev: Emitter):
             cluster.close()
 
 
-def _ssh_cluster(lab: Lab, vm_cpus: int):
-    """The lab's hosts, prepared by playbooks/lab-host.yml: the first runs
-    the scheduler, each runs a worker from the venv the playbook made."""
+def ssh_cluster(spec: ClusterSpec, retries: int):
+    """The lab's hosts, prepared by playbooks/lab-host.yml (`uffdlab cluster
+    up`): the first runs the scheduler, each runs a worker from the venv the
+    playbook made, with the host's VM slots (cluster.vm_slots, else 1)."""
     from distributed import SSHCluster
 
-    spec = lab.cluster
     slots = spec.vm_slots or 1
-    users = {h.split("@", 1)[0] for h in spec.hosts if "@" in h}
     hosts = [h.split("@", 1)[-1] for h in spec.hosts]
+    users = [h.split("@", 1)[0] if "@" in h else None for h in spec.hosts]
     return SSHCluster([hosts[0], *hosts],
-                      connect_options={"username": users.pop()} if len(users) == 1 else {},
+                      connect_options=[{"username": u} if u else {}
+                                       for u in [users[0], *users]],
                       worker_options={"nthreads": slots, "resources": {RESOURCE: slots}},
-                      scheduler_options={"dashboard_address": ":8787"},
+                      scheduler_options={"dashboard_address": ":8787",
+                                         "allowed_failures": retries},
                       remote_python=f"{LAB_HOST_DIR}/venv/bin/python")
 
 
@@ -337,9 +339,9 @@ def _check_cluster(client: Client, retries: int, ev: Emitter) -> None:
                 f"{retries}")
 
 
-def _allowed_failures() -> int:
-    import dask
-    return int(dask.config.get("distributed.scheduler.allowed-failures"))
+def _allowed_failures(dask_scheduler=None) -> int:
+    """Run on the scheduler: how often it retries a task whose worker died."""
+    return int(dask_scheduler.allowed_failures)
 
 
 def run_points(lab: Lab, grid: Grid, index: SweepIndex, todo: list[int],
@@ -356,12 +358,12 @@ def run_points(lab: Lab, grid: Grid, index: SweepIndex, todo: list[int],
             if msg.get("sweep") != index.sweep_id:
                 return
             if msg.get("state") == "running":
-                progress.started(msg["host"], msg["worker"], msg["point"])
+                progress.started(msg["host"], msg["worker_name"], msg["point"])
             elif msg.get("kind") in (str(Kind.FAILED), str(Kind.BOOTING), str(Kind.SSH_READY),
                                      str(Kind.TEMPLATE)):
-                ev.emit(Kind(msg["kind"]), f"{msg['host']}/{msg['worker']} point "
+                ev.emit(Kind(msg["kind"]), f"{msg['host']}/{msg['worker_name']} point "
                         f"{msg['point']}: {msg['message']}", host=msg["host"],
-                        worker=msg["worker"], point=msg["point"])
+                        worker=msg["worker_name"], point=msg["point"])
 
         client.subscribe_topic(TOPIC, on_event)
         futures = {client.submit(execute_job, jobs[i], key=jobs[i].key, pure=False,

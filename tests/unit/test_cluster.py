@@ -14,7 +14,7 @@ from distributed import KilledWorker
 
 from uffdlab import cluster
 from uffdlab.cli import main
-from uffdlab.config import ConfigError, load_lab
+from uffdlab.config import ClusterSpec, ConfigError, load_lab
 from uffdlab.events import Emitter
 from uffdlab.model import Kind, Status
 from uffdlab.results import ResultsDB
@@ -193,3 +193,18 @@ def test_every_job_is_a_separate_dask_key(lab, grid, tmp_path):
     keys = {job_for(lab, index, i, i + 1).key for i in range(3)}
     assert len(keys) == 3 and all(index.sweep_id in k for k in keys)
     assert isinstance(Path(index.directory), Path)
+
+
+def test_hosts_start_an_ssh_cluster_with_slots_users_and_retries(monkeypatch):
+    """The arguments handed to Dask's SSHCluster (the layer below: faked)."""
+    import distributed
+    made = {}
+    monkeypatch.setattr(distributed, "SSHCluster", lambda hosts, **kw: made.update(
+        hosts=hosts, **kw) or "cluster")
+    spec = ClusterSpec(hosts=["root@lab1", "lab2"], vm_slots=3, retries=2)
+    assert cluster.ssh_cluster(spec, spec.retries) == "cluster"
+    assert made["hosts"] == ["lab1", "lab1", "lab2"]          # lab1 runs the scheduler too
+    assert made["connect_options"] == [{"username": "root"}, {"username": "root"}, {}]
+    assert made["worker_options"] == {"nthreads": 3, "resources": {"vm_slots": 3}}
+    assert made["scheduler_options"]["allowed_failures"] == 2
+    assert made["remote_python"] == f"{cluster.LAB_HOST_DIR}/venv/bin/python"

@@ -117,6 +117,21 @@ def test_renderer_keeps_a_progress_bar_on_a_terminal():
 # -- the notebook renderer ----------------------------------------------------------------
 
 
+def test_notebook_progress_shows_a_sweeps_points_per_host_and_keeps_the_dashboard():
+    out = io.StringIO()
+    p = NotebookProgress(stream=out)
+    p(Event(Kind.PROGRESS, "sweep", "cluster tcp://h:8786: 2 workers, 2 VM slots; dashboard "
+            "http://h:8787/status", {"dashboard": "http://h:8787/status"}))
+    p(Event(Kind.PROGRESS, "sweep", "0/4 points, 1 running, 0 failed (point 0 started on a) "
+            "[a: 0 done, 1 running, 0 failed]", {"done": 0, "total": 4, "hosts": {}}))
+    p(Event(Kind.PROGRESS, "sweep", "1/4 points, 0 running, 0 failed (point 0 done on a) "
+            "[a: 1 done, 0 running, 0 failed]", {"done": 1, "total": 4, "hosts": {}}))
+    lines = out.getvalue().split("\n")
+    assert lines[0].endswith("dashboard http://h:8787/status")       # a line that stays
+    assert "pages" not in out.getvalue()                             # not a run's bar
+    assert lines[1].rstrip().endswith("[a: 1 done, 0 running, 0 failed]")   # updated in place
+
+
 def test_notebook_progress_heartbeats_share_one_live_line():
     out = io.StringIO()
     p = NotebookProgress(stream=out)

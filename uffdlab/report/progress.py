@@ -91,7 +91,11 @@ class NotebookProgress:
         stamp = time.strftime("%H:%M:%S", time.localtime(event.time))
         head = f"{stamp} [{event.subject}]"
         d = event.data
-        if event.kind == Kind.PROGRESS:
+        if event.kind == Kind.PROGRESS and "dashboard" in d:
+            self._line(f"{head} {event.message}")        # the link stays in sight
+        elif event.kind == Kind.PROGRESS and event.subject == "sweep":
+            self._live("sweep", f"{head} {event.message}")   # points, per host
+        elif event.kind == Kind.PROGRESS:
             done, total = d.get("done") or 0, d.get("total") or 0
             bar = "#" * int((done / total if total else 0.0) * 30)
             self._live("progress", f"{head} {d.get('phase') or 'run':>14} "
