@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import ctypes
 import json
+import os
 import signal
 import subprocess
 import sys
@@ -48,11 +49,16 @@ def main(state_dir: Path) -> int:
     with open(state_dir / "qemu.log", "w") as log:
         qemu = subprocess.Popen(launch["argv"], stdin=subprocess.DEVNULL, stdout=log,
                                 stderr=subprocess.STDOUT, preexec_fn=die_with_parent)
-    print(qemu.pid, flush=True)
 
     def stop(*_):
         if qemu.poll() is None:
             qemu.terminate()
+
+    try:
+        print(qemu.pid, flush=True)
+    except BrokenPipeError:             # the caller died before it read the PID
+        sys.stdout = open(os.devnull, "w")   # (and Python's exit flush must not fail)
+        stop()
 
     signal.signal(signal.SIGTERM, stop)
     signal.signal(signal.SIGINT, signal.SIG_IGN)   # the caller's Ctrl-C is its own

@@ -20,7 +20,7 @@ from uffdlab.config import ClusterSpec
 from uffdlab.model import Kind, Status
 from uffdlab.results import ResultsDB
 from uffdlab.sweep import SweepIndex, load_grid, run_sweep
-from uffdlab.vm import free_port
+from uffdlab.vm import free_port, lab_vms_dir
 
 pytestmark = pytest.mark.integration
 
@@ -98,9 +98,49 @@ def test_a_sweep_on_two_workers_survives_a_killed_one(dask_processes, provisione
         assert (res.directory / p.notebook).exists() or p.run_id is None
     assert res.report is not None
     # the killed worker's VM goes with it (its keeper watches the owner)
-    vms = lab.cache_path / "vms"
+    vms = lab_vms_dir(lab)
     fresh = lambda: [d.name for d in vms.iterdir()   # noqa: E731
                      if d.is_dir() and d.name.startswith("nb-trixie-1536m-2c-")]
     wait_for(lambda: not fresh(), 30, f"the points' VMs to be gone ({fresh()})")
     qemu = subprocess.run(["pgrep", "-af", "qemu-system"], capture_output=True, text=True)
     assert "nb-trixie-1536m-2c-" not in qemu.stdout
+
+
+def test_a_killed_sweep_resumes_with_only_its_missing_points(provisioned, test_lab, tmp_path):
+    """`uffdlab sweep` killed with SIGKILL after its first point: `--resume`
+    runs the second point only, and the first one's run stays the one run."""
+    grid_file = tmp_path / "grid.yml"
+    grid_file.write_text(yaml.safe_dump({
+        "fixed": {"image": "trixie", "vm_memory": VM_MEMORY, "vm_cpus": VM_CPUS,
+                  "writers": 2, "duration": 1.0},
+        "grid": {"size": ["16M", "24M"]}}))
+    sweeps = test_lab.results_path.parent / "sweeps"
+    before = set(sweeps.glob("*")) if sweeps.exists() else set()
+    cli = [sys.executable, "-m", "uffdlab", "sweep", "--here", "--lab", str(test_lab.source)]
+    with open(tmp_path / "first.log", "w") as log:
+        first = subprocess.Popen([*cli, str(grid_file)], stdout=log, stderr=subprocess.STDOUT)
+    try:
+        def one_point_indexed() -> bool:
+            new = [d for d in sweeps.glob("*") if d not in before] if sweeps.exists() else []
+            return bool(new) and len(SweepIndex.load(new[0]).points) == 1
+        wait_for(one_point_indexed, 300, "the sweep's first point")
+        first.kill()
+    finally:
+        first.kill()
+        first.wait()
+    (directory,) = [d for d in sweeps.glob("*") if d not in before]
+    first_run = SweepIndex.load(directory).points[0].run_id
+    done = subprocess.run([*cli, "--resume", directory.name], capture_output=True, text=True,
+                          timeout=600)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "resuming sweep" in done.stderr and "1 to run" in done.stderr
+    index = SweepIndex.load(directory)
+    assert [p.status for p in index.points] == [Status.OK, Status.OK]
+    assert index.points[0].run_id == first_run
+    with ResultsDB(test_lab.results_path) as db:
+        ids = [r["run_id"] for r in db.runs()]
+    assert ids.count(first_run) == 1 and index.points[1].run_id in ids
+    vms = lab_vms_dir(test_lab)
+    wait_for(lambda: not [d for d in vms.iterdir()
+                          if d.is_dir() and d.name.startswith("nb-trixie-1536m-2c-")],
+             30, "the killed sweep's VM to be gone")

@@ -56,3 +56,20 @@ def test_a_vm_without_owner_outlives_its_caller(tmp_path):
         keeper.terminate()                             # stops QEMU, then cleans up
         keeper.wait(timeout=20)
     assert not (tmp_path / "vm").exists()
+
+
+def test_a_caller_that_dies_before_reading_the_pid_leaves_nothing(tmp_path):
+    """kill -9 of the caller as the VM starts: the keeper's one line to it
+    meets a closed pipe. It must still stop QEMU and remove the VM's files."""
+    vm_dir = tmp_path / "vm"
+    make_vm_dir(vm_dir, "lab.yml")
+    (vm_dir / "launch.json").write_text(json.dumps({"argv": ["sleep", "300"]}))
+    keeper = subprocess.Popen([sys.executable, "-m", "uffdlab.keeper", str(vm_dir)],
+                              stdin=subprocess.PIPE, stdout=subprocess.PIPE, cwd=REPO)
+    keeper.stdout.close()                 # gone before the keeper could say anything
+    try:
+        assert keeper.wait(timeout=30) == 0
+        assert not vm_dir.exists()
+    finally:
+        keeper.kill()
+        keeper.wait()
