@@ -115,9 +115,20 @@ def execute_job(job: PointJob) -> PointOutcome:
                   "results_db": str(db_path)}
         resolved = {**notebook_parameters(NOTEBOOKS / job.notebook), **params}
         ev = Emitter(f"point {job.index}", report)
-        bringup = _start_bringup(lab, resolved, job.fresh, ev)
+        shape = (str(lab.source), *(str(resolved.get(k)) for k in ("image", "vm_memory",
+                                                                   "vm_cpus")))
+        bringup = SPARES.claim(shape, ev) if job.fresh else None
+        if bringup is None:
+            bringup = _start_bringup(lab, resolved, job.fresh, ev)
+        after = None
+        if job.fresh and bringup is not None:
+            # this point's VM is stopped: while its notebook draws its plots,
+            # restore a VM for the next point of this shape Dask gives us
+            def after() -> None:
+                SPARES.add(shape, lambda: _start_bringup(lab, resolved, True,
+                                                         Emitter("spare")))
         result = _run_point(job.fresh, NOTEBOOKS / job.notebook, nb_out, params, bringup,
-                            result_file, ev)
+                            result_file, ev, after)
         run = _stored_run(db_path, result.run_id) if result.run_id else None
         if result.run_id and run is None:
             result = PointResult(None, Status.FAILED, None,
@@ -126,6 +137,75 @@ def execute_job(job: PointJob) -> PointOutcome:
     report.emit(Kind.PROGRESS, str(result), state=str(result.status))
     return PointOutcome(job.index, result, run, notebook, host, worker,
                         round(time.monotonic() - started, 1))
+
+
+SPARE_SECONDS = 60.0          # a spare VM that no point claims in this long is stopped
+
+
+class _Spares:
+    """Fresh VMs a worker restores ahead, one per point that just finished,
+    for the next point of the same shape (as the local loop does between its
+    points). Unclaimed, a spare stops after SPARE_SECONDS, or when the sweep
+    ends (drop_spares); it dies with the worker like any fresh VM."""
+
+    def __init__(self):
+        self.lock = threading.Lock()
+        self.items: dict[tuple, list] = {}
+
+    def claim(self, shape: tuple, ev: Emitter):
+        """A spare of this shape that is coming or came up, or None; its
+        events go to `ev` from now on."""
+        while True:
+            with self.lock:
+                waiting = self.items.get(shape) or []
+                if not waiting:
+                    return None
+                bringup, timer = waiting.pop(0)
+            timer.cancel()
+            if bringup.failed:            # it did not come up: try the next, or boot
+                bringup.discard()
+                continue
+            bringup.vm.listener = ev.listener
+            ev.emit(Kind.TEMPLATE, f"using {bringup.vm.name}, restored while the last point "
+                    f"drew its plots")
+            return bringup
+
+    def add(self, shape: tuple, start) -> None:
+        bringup = start()
+        if bringup is None:
+            return
+        timer = threading.Timer(SPARE_SECONDS, self._expire, (shape, bringup))
+        timer.daemon = True
+        with self.lock:
+            self.items.setdefault(shape, []).append((bringup, timer))
+        timer.start()
+
+    def _expire(self, shape: tuple, bringup) -> None:
+        with self.lock:
+            waiting = self.items.get(shape, [])
+            mine = [item for item in waiting if item[0] is bringup]
+            for item in mine:
+                waiting.remove(item)
+        if mine:
+            bringup.discard()
+
+    def drop_all(self) -> int:
+        with self.lock:
+            items = [item for waiting in self.items.values() for item in waiting]
+            self.items.clear()
+        for bringup, timer in items:
+            timer.cancel()
+            bringup.discard()
+        return len(items)
+
+
+SPARES = _Spares()
+
+
+def drop_spares() -> None:
+    """Run on each worker (in its event loop) when a sweep ends: stop its
+    spare VMs, in a thread, since a spare may still be restoring."""
+    threading.Thread(target=SPARES.drop_all, name="uffdlab-drop-spares").start()
 
 
 def worker_lab(job: PointJob) -> Lab:
@@ -368,11 +448,18 @@ def run_points(lab: Lab, grid: Grid, index: SweepIndex, todo: list[int],
         client.subscribe_topic(TOPIC, on_event)
         futures = {client.submit(execute_job, jobs[i], key=jobs[i].key, pure=False,
                                  resources={RESOURCE: 1}): i for i in todo}
-        for future in as_completed(futures):
-            i = futures[future]
-            outcome = _outcome_of(future, i)
-            record_outcome(lab, index, jobs[i], outcome)
-            progress.finished(outcome.host or None, i, outcome.result.status != Status.FAILED)
+        try:
+            for future in as_completed(futures):
+                i = futures[future]
+                outcome = _outcome_of(future, i)
+                record_outcome(lab, index, jobs[i], outcome)
+                progress.finished(outcome.host or None, i,
+                                  outcome.result.status != Status.FAILED)
+        finally:
+            try:
+                client.run(drop_spares)
+            except Exception as e:        # a worker gone: its spares went with it
+                ev.emit(Kind.PROGRESS, f"stopping the workers' spare VMs: {e}")
 
 
 def _outcome_of(future, i: int) -> PointOutcome:

@@ -6,6 +6,7 @@ adopts instead of running again, the lab a worker reads, and the errors of
 from __future__ import annotations
 
 import json
+import time
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -208,3 +209,41 @@ def test_hosts_start_an_ssh_cluster_with_slots_users_and_retries(monkeypatch):
     assert made["worker_options"] == {"nthreads": 3, "resources": {"vm_slots": 3}}
     assert made["scheduler_options"]["allowed_failures"] == 2
     assert made["remote_python"] == f"{cluster.LAB_HOST_DIR}/venv/bin/python"
+
+
+class FakeBringup:
+    def __init__(self, name: str, failed: bool = False):
+        self.vm = SimpleNamespace(name=name, listener=None)
+        self.failed = [RuntimeError("no SSH")] if failed else []
+        self.discarded = 0
+
+    def discard(self):
+        self.discarded += 1
+
+
+def test_a_spare_vm_goes_to_the_next_point_of_its_shape_or_stops(monkeypatch):
+    spares = cluster._Spares()
+    seen = []
+    ev = Emitter("point 3", seen.append)
+    first = FakeBringup("nb-a")
+    spares.add(("lab", "trixie", "1536M", "2"), lambda: first)
+    assert spares.claim(("lab", "bookworm", "1536M", "2"), ev) is None   # another shape
+    assert spares.claim(("lab", "trixie", "1536M", "2"), ev) is first
+    assert first.vm.listener == ev.listener and "using nb-a" in seen[0].message
+    assert spares.claim(("lab", "trixie", "1536M", "2"), ev) is None     # taken
+    broken, good = FakeBringup("nb-b", failed=True), FakeBringup("nb-c")
+    spares.add(("s",), lambda: broken)
+    spares.add(("s",), lambda: good)
+    assert spares.claim(("s",), ev) is good and broken.discarded == 1   # never a dead one
+    monkeypatch.setattr(cluster, "SPARE_SECONDS", 0.05)
+    idle = FakeBringup("nb-d")
+    spares.add(("s",), lambda: idle)
+    deadline = time.monotonic() + 5
+    while not idle.discarded and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert idle.discarded == 1 and spares.claim(("s",), ev) is None      # unclaimed: stopped
+    monkeypatch.setattr(cluster, "SPARE_SECONDS", 60)
+    left = FakeBringup("nb-e")
+    spares.add(("s",), lambda: left)
+    spares.drop_all()
+    assert left.discarded == 1
