@@ -37,9 +37,10 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
 from uffdlab.api import ready, vm_for  # noqa: E402
+from uffdlab.cluster import run_sweep  # noqa: E402
 from uffdlab.config import ClusterSpec, load_lab  # noqa: E402
 from uffdlab.results import ResultsDB  # noqa: E402
-from uffdlab.sweep import Grid, run_sweep  # noqa: E402
+from uffdlab.sweep import Grid  # noqa: E402
 
 TARGET = 1.2
 DASK_TARGET = 0.5           # s per point more than the local loop

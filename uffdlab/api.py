@@ -8,6 +8,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+from .cluster import resume_sweep, run_sweep
 from .config import Lab, lab_from_dict, load_lab
 from .events import Listener
 from .kernel import KernelBuild, KernelStore, debian_source
@@ -16,7 +17,7 @@ from .provision import ensure_provisioned
 from .rerun import Comparison, plan_rerun, rerun
 from .runner import Prepared, prepare, run_and_store
 from .scenarios import for_strategy
-from .sweep import PointResult, SweepIndex, load_grid, resume_sweep, run_sweep
+from .sweep import PointResult, SweepIndex, load_grid
 from .vm import VM, VMState
 
 __all__ = ["open_lab", "vm_for", "ready", "plan_run", "run_and_store", "run_matrix",

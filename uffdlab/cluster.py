@@ -35,19 +35,18 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from .config import ClusterSpec, Lab, load_lab
-from .events import Emitter, Event
-from .model import Kind, RunResult, Status
+from .events import Emitter, Event, Listener
+from .model import Kind, Status
 from .owned import process_scratch, reap_scratch
 
 if TYPE_CHECKING:
     from distributed import Client
 
-    from .sweep import Grid, PointResult, SweepIndex
+    from .sweep import Grid, PointResult, SweepIndex, SweepResult
 
 TOPIC = "uffdlab"                       # workers' events, rendered by the client
 SCRATCH_PREFIX = "uffdlab-point-"
 RESOURCE = "vm_slots"
-LAB_HOST_DIR = "/opt/uffdlab-host"      # where playbooks/lab-host.yml puts the venv
 
 
 class ClusterError(Exception):
@@ -382,6 +381,7 @@ def ssh_cluster(spec: ClusterSpec, retries: int):
     playbook made, with the host's VM slots (cluster.vm_slots, else 1)."""
     from distributed import SSHCluster
 
+    from .labhost import DEFAULT_DIR
     slots = spec.vm_slots or 1
     hosts = [h.split("@", 1)[-1] for h in spec.hosts]
     users = [h.split("@", 1)[0] if "@" in h else None for h in spec.hosts]
@@ -391,7 +391,7 @@ def ssh_cluster(spec: ClusterSpec, retries: int):
                       worker_options={"nthreads": slots, "resources": {RESOURCE: slots}},
                       scheduler_options={"dashboard_address": ":8787",
                                          "allowed_failures": retries},
-                      remote_python=f"{LAB_HOST_DIR}/venv/bin/python")
+                      remote_python=f"{DEFAULT_DIR}/venv/bin/python")
 
 
 def _check_cluster(client: Client, retries: int, ev: Emitter) -> None:
@@ -424,12 +424,39 @@ def _allowed_failures(dask_scheduler=None) -> int:
     return int(dask_scheduler.allowed_failures)
 
 
-def run_points(lab: Lab, grid: Grid, index: SweepIndex, todo: list[int],
-               jobs: dict[int, PointJob], ev: Emitter) -> None:
+def run_sweep(lab: Lab, grid: Grid, listener: Listener | None = None,
+              out_root: Path | None = None, *, cluster: bool | None = None,
+              resume: SweepIndex | None = None) -> SweepResult:
+    """sweep.run_sweep on Dask workers when `cluster` says so (default:
+    when lab.yml has a cluster section), else one point after another here."""
+    from . import sweep
+    on_cluster = lab.cluster is not None if cluster is None else cluster
+    return sweep.run_sweep(lab, grid, listener, out_root, resume=resume,
+                           run_points=run_points if on_cluster else None)
+
+
+def resume_sweep(lab: Lab, sweep_id: str, listener: Listener | None = None, *,
+                 cluster: bool | None = None) -> SweepResult:
+    """sweep.resume_sweep, on the cluster as run_sweep decides."""
+    from . import sweep
+    on_cluster = lab.cluster is not None if cluster is None else cluster
+    return sweep.resume_sweep(lab, sweep_id, listener,
+                              run_points=run_points if on_cluster else None)
+
+
+def run_points(lab: Lab, grid: Grid, index: SweepIndex, todo: list[int], ev: Emitter) -> None:
     """Run the points `todo` on the cluster, recording each in `index` as
     it completes (in whatever order)."""
     from distributed import as_completed
 
+    from .sweep import needs_parameters
+    needs_parameters(grid, ("result_path", "results_db"), "on a cluster")
+    points = grid.points()
+    lock = lab.source.parent / "lab.lock"
+    lab_text, lock_text = lab.source.read_text(), lock.read_text() if lock.is_file() else None
+    jobs = {i: PointJob(index.sweep_id, i, grid.notebook, {**grid.fixed, **points[i]},
+                        grid.fresh, str(lab.source.resolve()), lab_text, lock_text)
+            for i in todo}
     vm_cpus = max(int(j.params.get("vm_cpus", 2)) for j in jobs.values()) if jobs else 2
     progress = Progress(len(grid.points()), len(index.points), ev)
     with connect(lab, vm_cpus, ev) as client:
@@ -482,31 +509,20 @@ def record_outcome(lab: Lab, index: SweepIndex, job: PointJob, outcome: PointOut
     """Journal, store, index: in that order, so a client killed anywhere in
     between leaves a point that `sweep --resume` adopts, never one stored
     twice."""
+    from .results import store_once
     from .sweep import SweepPoint, _write_atomic, point_files
     files = point_files(index.directory, job.index)
     if outcome.notebook:
         files.notebook.write_bytes(outcome.notebook)
     if outcome.run is not None:
         _write_atomic(files.run, json.dumps(outcome.run) + "\n")
-        store_once(lab, outcome.run)
+        store_once(lab.results_path, outcome.run)
     outcome.result.write(files.result)
     index.record(SweepPoint(index=job.index, params=job_point(index, job),
                             notebook=files.notebook.name, status=outcome.result.status,
                             run_id=outcome.result.run_id, error=outcome.result.error,
                             seconds=outcome.seconds, host=outcome.host or None,
                             worker=outcome.worker or None))
-
-
-def store_once(lab: Lab, run: dict) -> bool:
-    """Store a run in the lab's database unless its id is there already."""
-    from .results import ResultsDB, store_run
-    path = lab.results_path
-    if path.exists():
-        with ResultsDB(path) as db:
-            if db.has_run(run["run_id"]):
-                return False
-    store_run(path, RunResult(**{**run, "status": Status(run["status"])}))
-    return True
 
 
 def job_point(index: SweepIndex, job: PointJob) -> dict[str, Any]:

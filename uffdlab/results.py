@@ -947,6 +947,16 @@ def store_run(db_path: Path, result: Any) -> StoreOutcome:
     return outcome
 
 
+def store_once(db_path: str | os.PathLike, run: Any) -> bool:
+    """Store a run unless its id is already stored (a run handed over twice,
+    or a resumed sweep's journal): True when it was stored now."""
+    try:
+        store_run(Path(db_path), run)
+    except DuplicateRunError:
+        return False
+    return True
+
+
 def _drop_ahead(ahead: Path | None) -> None:
     """Remove a write-ahead copy once the database has the run (and the
     spool directory, if that leaves it empty)."""

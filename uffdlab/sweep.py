@@ -423,43 +423,37 @@ class SweepError(Exception):
     pass
 
 
+# Runs the points `todo` of a sweep and records each in the index as it ends:
+# (lab, grid, index, todo, emitter). The default runs them here, one after
+# another; cluster.run_points runs them on Dask workers.
+PointsRunner = Callable[[Lab, Grid, "SweepIndex", list[int], Emitter], None]
+
+
 def run_sweep(lab: Lab, grid: Grid, listener: Listener | None = None,
-              out_root: Path | None = None, *, cluster: bool | None = None,
+              out_root: Path | None = None, *, run_points: PointsRunner | None = None,
               resume: SweepIndex | None = None) -> SweepResult:
     """Run every point of `grid` (with `resume`, an interrupted sweep's
-    index: only its missing points), here one after another or, with
-    `cluster` (default: when lab.yml has a cluster section), on Dask
-    workers; then render the sweep report."""
+    index: only its missing points) with `run_points` (default: here, one
+    after another), then render the sweep report. cluster.run_sweep chooses
+    the runner from lab.yml's cluster section."""
     ev = Emitter("sweep", listener)
     points = grid.points()
     index = resume if resume is not None else _new_index(lab, grid, out_root)
-    on_cluster = lab.cluster is not None if cluster is None else cluster
     _adopt_finished(lab, index, len(points), ev)
     done = {p.index for p in index.points}
     todo = [i for i in range(len(points)) if i not in done]
     ev.emit(Kind.PROGRESS, f"{len(done)}/{len(points)} points"
             + (f" (resuming sweep {index.sweep_id}: {len(todo)} to run)" if resume else ""),
             done=len(done), total=len(points))
-    if todo and on_cluster:
-        from . import cluster as cluster_mod
-        _needs_parameters(grid, ("result_path", "results_db"), "on a cluster")
-        lab_text = lab.source.read_text()
-        lock = lab.source.parent / "lab.lock"
-        lock_text = lock.read_text() if lock.is_file() else None
-        jobs = {i: cluster_mod.PointJob(index.sweep_id, i, grid.notebook,
-                                        {**grid.fixed, **points[i]}, grid.fresh,
-                                        str(lab.source.resolve()), lab_text, lock_text)
-                for i in todo}
-        cluster_mod.run_points(lab, grid, index, todo, jobs, ev)
-    elif todo:
-        _run_here(lab, grid, index, todo, ev)
-    if grid.teardown and not grid.fresh and not on_cluster:   # fresh VMs stop themselves
+    if todo:
+        (run_points or _run_here)(lab, grid, index, todo, ev)
+    if grid.teardown and not grid.fresh and run_points is None:   # fresh VMs stop themselves
         _teardown(lab, grid, points, ev)
     return SweepResult(index, _render_report(index.directory, lab, ev))
 
 
 def resume_sweep(lab: Lab, sweep: str, listener: Listener | None = None, *,
-                 cluster: bool | None = None) -> SweepResult:
+                 run_points: PointsRunner | None = None) -> SweepResult:
     """Run the points an interrupted sweep (an id under results/sweeps/, or
     its directory) did not finish, with the grid it was started with."""
     directory = Path(sweep) if Path(sweep).is_dir() else sweeps_root(lab) / sweep
@@ -476,7 +470,7 @@ def resume_sweep(lab: Lab, sweep: str, listener: Listener | None = None, *,
     grid = Grid.model_validate({"notebook": index.notebook, "fixed": index.fixed,
                                 "grid": index.grid, "fresh": index.fresh,
                                 "teardown": index.teardown}, context={})
-    return run_sweep(lab, grid, listener, cluster=cluster, resume=index)
+    return run_sweep(lab, grid, listener, run_points=run_points, resume=index)
 
 
 def _new_index(lab: Lab, grid: Grid, out_root: Path | None) -> SweepIndex:
@@ -492,7 +486,7 @@ def _new_index(lab: Lab, grid: Grid, out_root: Path | None) -> SweepIndex:
     return index
 
 
-def _needs_parameters(grid: Grid, names: tuple[str, ...], why: str) -> None:
+def needs_parameters(grid: Grid, names: tuple[str, ...], why: str) -> None:
     have = notebook_parameters(NOTEBOOKS / grid.notebook)
     missing = [n for n in names if n not in have]
     if missing:
@@ -504,8 +498,7 @@ def _adopt_finished(lab: Lab, index: SweepIndex, total: int, ev: Emitter) -> Non
     """Points an interrupted sweep finished but did not index: a result
     file whose run is stored (or stored now from its journal) is the point's
     outcome; anything less and the point runs again."""
-    from .cluster import store_once
-    from .results import ResultsDB
+    from .results import ResultsDB, store_once
     done = {p.index for p in index.points}
     for i in range(total):
         files = point_files(index.directory, i)
@@ -514,7 +507,7 @@ def _adopt_finished(lab: Lab, index: SweepIndex, total: int, ev: Emitter) -> Non
         try:
             result = PointResult.read(files.result)
             if files.run.exists():
-                store_once(lab, json.loads(files.run.read_text()))
+                store_once(lab.results_path, json.loads(files.run.read_text()))
         except (OSError, ValueError) as e:
             ev.emit(Kind.PROGRESS, f"point {i} runs again: {e}")
             continue

@@ -16,10 +16,11 @@ import pytest
 import yaml
 
 from tests.conftest import VM_CPUS, VM_MEMORY, wait_for
+from uffdlab.cluster import run_sweep
 from uffdlab.config import ClusterSpec
 from uffdlab.model import Kind, Status
 from uffdlab.results import ResultsDB
-from uffdlab.sweep import SweepIndex, load_grid, run_sweep
+from uffdlab.sweep import SweepIndex, load_grid
 from uffdlab.vm import free_port, lab_vms_dir
 
 pytestmark = pytest.mark.integration

@@ -18,7 +18,7 @@ from uffdlab.cli import main
 from uffdlab.config import ClusterSpec, ConfigError, load_lab
 from uffdlab.events import Emitter
 from uffdlab.model import Kind, Status
-from uffdlab.results import ResultsDB
+from uffdlab.results import ResultsDB, store_once
 from uffdlab.sweep import (
     PointResult,
     SweepError,
@@ -99,7 +99,7 @@ def test_a_resumed_sweep_adopts_journalled_points_and_stores_them_once(lab, grid
         files = point_files(index.directory, i)
         files.run.write_text(json.dumps(make_result(run_id).to_dict()))
         PointResult(run_id, Status.OK, True).write(files.result)
-    cluster.store_once(lab, make_result("run-b").to_dict())
+    store_once(lab.results_path, make_result("run-b").to_dict())
     # point 2: a result naming a run that was never stored nor journalled
     PointResult("run-c", Status.OK, True).write(point_files(index.directory, 2).result)
     seen = []
@@ -208,7 +208,7 @@ def test_hosts_start_an_ssh_cluster_with_slots_users_and_retries(monkeypatch):
     assert made["connect_options"] == [{"username": "root"}, {"username": "root"}, {}]
     assert made["worker_options"] == {"nthreads": 3, "resources": {"vm_slots": 3}}
     assert made["scheduler_options"]["allowed_failures"] == 2
-    assert made["remote_python"] == f"{cluster.LAB_HOST_DIR}/venv/bin/python"
+    assert made["remote_python"] == "/opt/uffdlab-host/venv/bin/python"
 
 
 class FakeBringup:

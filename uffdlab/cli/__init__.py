@@ -18,7 +18,7 @@ from collections.abc import Iterator
 from .. import __version__
 from ..config import ConfigError
 from ..scenarios import ScenarioError
-from . import notebooks, runs, vms
+from . import cluster, notebooks, runs, vms
 from .common import EXIT_CONFIG, EXIT_FAIL, EXIT_OK, Renderer, table
 
 __all__ = ["main", "build_parser", "Renderer", "table", "EXIT_OK", "EXIT_FAIL", "EXIT_CONFIG",
@@ -184,6 +184,26 @@ HELP: dict[str, tuple[str, str]] = {
         "file; the executed notebooks, index.json and a report notebook go under "
         "results/sweeps/.",
         "uffdlab sweep notebooks/sweep-example.yml"),
+    "cluster": (
+        "Lab hosts: machines, or running lab VMs, prepared by playbooks/lab-host.yml to run "
+        "a Dask worker that offers vm_slots, so sweeps spread over them. HOSTS.yml lists "
+        "them (docs/cluster.md).",
+        "uffdlab cluster up hosts.yml\nuffdlab cluster status"),
+    "cluster up": (
+        "Prepare every host of HOSTS.yml (apt packages, this checkout in a venv with this "
+        "machine's Dask, the lab file, the listed images) and start its worker service; "
+        "when HOSTS.yml names no scheduler, start one here first. Waits until every worker "
+        "has joined, then prints the dashboard link and the line for the lab file.",
+        "uffdlab cluster up hosts.yml\nuffdlab cluster up hosts.yml --timeout 1800"),
+    "cluster down": (
+        "Stop and disable the worker service of every host of HOSTS.yml, then stop the "
+        "scheduler 'cluster up' started here, if it still runs (never another process).",
+        "uffdlab cluster down hosts.yml"),
+    "cluster status": (
+        "The scheduler's workers: name, host, VM slots and tasks in progress, and the "
+        "dashboard link. Asks --scheduler, else the lab file's cluster.scheduler, else the "
+        "scheduler 'cluster up' started here.",
+        "uffdlab cluster status\nuffdlab cluster status --scheduler tcp://10.0.0.5:8786"),
     "demo": (
         "The main job: build the default image, then execute 10-snapshot.ipynb (boot, "
         "provision, one run), leaving the executed notebook and the run in the results "
@@ -247,6 +267,7 @@ def build_parser() -> argparse.ArgumentParser:
     vms.register(sub)
     runs.register(sub)
     notebooks.register(sub)
+    cluster.register(sub)
     for path, parser in subcommands(p):
         _finish_subcommand(path, parser)
     return p

@@ -8,8 +8,8 @@ from .common import EXIT_CONFIG, EXIT_FAIL, EXIT_OK, Renderer, lab_of, table
 
 
 def cmd_sweep(args) -> int:
-    from ..cluster import ClusterError
-    from ..sweep import SweepError, load_grid, resume_sweep, run_sweep
+    from ..cluster import ClusterError, resume_sweep, run_sweep
+    from ..sweep import SweepError, load_grid
     lab = lab_of(args)
     if (args.grid is None) == (args.resume is None):
         print("uffdlab sweep: expected GRID.yml or --resume ID (one of them), got "
