@@ -65,6 +65,7 @@ struct coord {
 	_Atomic uint8_t *pstate;    /* PAGE_* by page */
 	_Atomic uint64_t copied;
 	_Atomic int phase;
+	_Atomic bool copying;       /* the bulk copy has started: the handler may copy ahead */
 	uint64_t *written_at_instant;   /* !prefill: bitmap copied at the instant */
 
 	pthread_t handler;

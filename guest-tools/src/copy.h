@@ -12,16 +12,16 @@
 
 #include <stdint.h>
 
-#define COPY_CHUNK_BYTES (2u << 20)   /* progress, and --release chunk, every 2 MiB */
-
 /* Copy pages [first, first+n) with no claim: nobody else copies them. */
 void copy_pages(struct coord *c, uint64_t first, uint64_t n);
 
-/* Handler side: page p is in the snapshot when this returns. */
-void copy_page_claimed(struct coord *c, uint64_t p);
+/* Handler side: pages [first, first+n) are in the snapshot when this
+ * returns; it copies those nobody claimed and waits for the others. */
+void copy_range_claimed(struct coord *c, uint64_t first, uint64_t n);
 
-/* All of RAM while faults may race (uffd-wp strategies); with --release
- * chunk, un-protect every copied chunk in every process. */
+/* All of RAM while faults may race (uffd-wp strategies), --copy-run pages
+ * claimed at a time; with --release chunk, un-protect every copied
+ * --release-mb chunk in every process (progress is reported per chunk). */
 void copy_all_claimed(struct coord *c);
 
 /* All of RAM, nobody else copying (stop-the-world, async-scan). */

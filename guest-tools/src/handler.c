@@ -30,25 +30,27 @@ void handler_error(struct coord *c, const char *fmt, ...)
 	atomic_store(&c->herr, 1);
 }
 
-static void wp_checked(struct coord *c, struct proc *p, uint64_t page, bool protect,
-		       bool dontwake)
+/* Un-protect pages [first, first+n) in p's mm; without dontwake this also
+ * wakes whoever waits on them there: one ioctl for both. */
+static void unprotect_checked(struct coord *c, struct proc *p, uint64_t first, uint64_t n,
+			      bool dontwake)
 {
-	int ret = uffd_wp(p->uffd, p->base + page * c->psz, c->psz, protect, dontwake);
+	int ret = uffd_wp(p->uffd, p->base + first * c->psz, n * c->psz, false, dontwake);
 
-	if (ret)
+	/* ESRCH: that mm is gone.  A fault read before the writers stopped may
+	 * be served after one of them exited (a chunk release woke it): there
+	 * is nothing left to un-protect there.  A writer that dies early is
+	 * caught by the coordinator's liveness checks. */
+	if (ret && ret != -ESRCH)
 		handler_error(c,
-			      "ioctl(UFFDIO_WRITEPROTECT, %s) on writer %d page %llu failed: %s (errno %d)",
-			      protect ? "WP" : "clear", p->id, (unsigned long long)page,
-			      strerror(-ret), -ret);
+			      "ioctl(UFFDIO_WRITEPROTECT, clear%s) on writer %d pages %llu+%llu failed: %s (errno %d)",
+			      dontwake ? ", DONTWAKE" : "", p->id, (unsigned long long)first,
+			      (unsigned long long)n, strerror(-ret), -ret);
 }
 
-/* Pre-arm fault: the instant has not come yet, so no copy: un-protect here
- * only and remember the page so the quiesced re-protect covers it.  The
- * page is recorded before the waiter is woken, so a writer that then
- * acknowledges a pause can't leave an unrecorded page behind. */
-static void serve_prearm(struct coord *c, struct proc *p, uint64_t page)
+/* Remember a page un-protected in p before the instant, for the re-protect. */
+static bool record_prearm(struct coord *c, struct proc *p, uint64_t page)
 {
-	wp_checked(c, p, page, false, true);
 	pthread_mutex_lock(&p->lock);
 	if (p->ndirty == p->cap) {
 		size_t cap = p->cap ? p->cap * 2 : DIRTY_INITIAL;
@@ -57,17 +59,38 @@ static void serve_prearm(struct coord *c, struct proc *p, uint64_t page)
 		if (!nd) {
 			pthread_mutex_unlock(&p->lock);
 			handler_error(c, "out of memory recording pre-arm faults");
-			return;
+			return false;
 		}
 		p->dirty = nd;
 		p->cap = cap;
 	}
 	p->dirty[p->ndirty++] = (uint32_t)page;
 	pthread_mutex_unlock(&p->lock);
-	if (uffd_wake(p->uffd, p->base + page * c->psz, c->psz))
-		handler_error(c, "ioctl(UFFDIO_WAKE) on writer %d failed: %s", p->id,
-			      strerror(errno));
+	return true;
+}
+
+/* Pre-arm fault: the instant has not come yet, so no copy: un-protect here
+ * only and remember the page so the quiesced re-protect covers it.  The
+ * page is recorded before the un-protect wakes the writer, so a writer
+ * that then acknowledges a pause can't leave an unrecorded page behind. */
+static void serve_prearm(struct coord *c, struct proc *p, uint64_t page)
+{
+	if (!record_prearm(c, p, page))
+		return;
+	unprotect_checked(c, p, page, 1, false);
 	atomic_fetch_add(&p->prearm_faults, 1);
+}
+
+/* The window a snapshot fault on `page` copies ahead and un-protects: the
+ * aligned --copy-ahead pages around it once the bulk copy runs (so that
+ * neighbours' writes don't fault), only the page itself before that
+ * (injected faults must still find their pages uncopied when it starts). */
+static void fault_window(struct coord *c, uint64_t page, uint64_t *first, uint64_t *n)
+{
+	uint64_t w = atomic_load(&c->copying) ? c->o->copy_ahead : 1;
+
+	*first = page - page % w;
+	*n = *first + w <= c->npages ? w : c->npages - *first;
 }
 
 static int participant_of(struct coord *c, struct proc *p, const struct uffd_msg *m)
@@ -80,9 +103,18 @@ static int participant_of(struct coord *c, struct proc *p, const struct uffd_msg
 	return -1;
 }
 
-/* Snapshot fault: copy the old page first, then un-protect it in every
- * process (which wakes whoever waits on it there). */
-static void serve_fault(struct coord *c, struct proc *p, const struct uffd_msg *m)
+/* A served fault whose window is still to do. */
+struct ahead {
+	struct proc *p;
+	uint64_t first, n;
+};
+
+/* Snapshot fault, the part the writer waits for: copy the old page, then
+ * un-protect it in the faulting process, which wakes the writer (one
+ * ioctl: the latency clock stops).  Fills *a with the window still to do;
+ * returns false when there is none (pre-arm, errors). */
+static bool serve_fault(struct coord *c, struct proc *p, const struct uffd_msg *m,
+			struct ahead *a)
 {
 	uint64_t addr = m->arg.pagefault.address & ~((uint64_t)c->psz - 1);
 	uint64_t page = (addr - p->base) / c->psz;
@@ -93,22 +125,17 @@ static void serve_fault(struct coord *c, struct proc *p, const struct uffd_msg *
 	if (addr < p->base || page >= c->npages) {
 		handler_error(c, "fault at 0x%llx outside guest RAM of writer %d",
 			      (unsigned long long)m->arg.pagefault.address, p->id);
-		return;
+		return false;
 	}
 	if (phase == PH_PREARM) {
 		serve_prearm(c, p, page);
-		return;
+		return false;
 	}
 	if (part >= 0)
 		start = atomic_load_explicit(&c->ctl->slot[part].op_start_ns, memory_order_acquire);
-	copy_page_claimed(c, page);
-	/* Wake the faulting writer first: its wait ends here. */
-	wp_checked(c, p, page, false, false);
+	copy_range_claimed(c, page, 1);
+	unprotect_checked(c, p, page, 1, false);
 	t = now_ns();
-	if (c->o->unprotect == UNPROT_ALL)  /* then the others, so they never fault on it */
-		for (int i = 0; i < c->nproc; i++)
-			if (&c->proc[i] != p && c->proc[i].uffd >= 0)
-				wp_checked(c, &c->proc[i], page, false, false);
 	if (phase == PH_ARMED) {
 		atomic_fetch_add(&p->faults, 1);
 		if (start && t > start) {
@@ -119,19 +146,45 @@ static void serve_fault(struct coord *c, struct proc *p, const struct uffd_msg *
 	} else {
 		atomic_fetch_add(&p->late_faults, 1);
 	}
+	a->p = p;
+	fault_window(c, page, &a->first, &a->n);
+	return true;
 }
 
+/* After every writer of a read is woken: copy the fault's window and
+ * un-protect it with one ioctl in the faulting process (without DONTWAKE:
+ * a fault queued there meanwhile may wait on one of its pages) and, with
+ * --unprotect all, one in every other process. */
+static void serve_ahead(struct coord *c, const struct ahead *a)
+{
+	if (a->n > 1) {
+		copy_range_claimed(c, a->first, a->n);
+		unprotect_checked(c, a->p, a->first, a->n, false);
+	}
+	if (c->o->unprotect != UNPROT_ALL)
+		return;
+	for (int i = 0; i < c->nproc; i++)
+		if (&c->proc[i] != a->p && c->proc[i].uffd >= 0)
+			unprotect_checked(c, &c->proc[i], a->first, a->n, false);
+}
+
+#define READ_BATCH 16     /* uffd messages per read() */
+
+/* Serve every fault waiting on p's uffd: per read, first the pages the
+ * writers wait for, then the windows. */
 static void drain_uffd(struct coord *c, struct proc *p)
 {
-	struct uffd_msg msgs[16];
+	struct uffd_msg msgs[READ_BATCH];
+	struct ahead todo[READ_BATCH];
 
 	for (;;) {
 		ssize_t n = read(p->uffd, msgs, sizeof(msgs));
+		size_t ntodo = 0;
 
 		if (n < 0) {
 			if (errno != EAGAIN && errno != EINTR)
-				handler_error(c, "read(uffd) of writer %d failed: %s", p->id,
-					      strerror(errno));
+				handler_error(c, "read(uffd) of writer %d failed: %s (errno %d)",
+					      p->id, strerror(errno), errno);
 			return;
 		}
 		for (size_t i = 0; i < (size_t)n / sizeof(msgs[0]); i++) {
@@ -144,8 +197,11 @@ static void drain_uffd(struct coord *c, struct proc *p)
 					      p->id);
 				continue;
 			}
-			serve_fault(c, p, &msgs[i]);
+			if (serve_fault(c, p, &msgs[i], &todo[ntodo]))
+				ntodo++;
 		}
+		for (size_t i = 0; i < ntodo; i++)
+			serve_ahead(c, &todo[i]);
 	}
 }
 
@@ -159,17 +215,16 @@ static void *handler_main(void *arg)
 	for (int i = 0; i < c->nproc; i++) {
 		if (c->proc[i].uffd < 0)
 			continue;
-		pfd[n].fd = c->proc[i].uffd;
-		pfd[n].events = POLLIN;
+		pfd[n] = (struct pollfd){ .fd = c->proc[i].uffd, .events = POLLIN };
 		who[n++] = &c->proc[i];
 	}
-	pfd[n].fd = c->stop_efd;
-	pfd[n].events = POLLIN;
+	pfd[n] = (struct pollfd){ .fd = c->stop_efd, .events = POLLIN };
 	for (;;) {
 		int r = poll(pfd, (nfds_t)n + 1, HANDLER_POLL_MS);
 
 		if (r < 0 && errno != EINTR) {
-			handler_error(c, "poll on uffds failed: %s", strerror(errno));
+			handler_error(c, "poll on uffds failed: %s (errno %d)", strerror(errno),
+				      errno);
 			return NULL;
 		}
 		if (pfd[n].revents & POLLIN)

@@ -61,6 +61,18 @@
 #define LIM_PROGRESS_MS_MIN 10
 #define LIM_PROGRESS_MS_MAX 60000
 
+/* --copy-ahead PAGES: pages copied and un-protected per fault (1 = only the faulting one) */
+#define LIM_COPY_AHEAD_MIN 1
+#define LIM_COPY_AHEAD_MAX 512
+
+/* --copy-run PAGES: pages the background copier claims at once */
+#define LIM_COPY_RUN_MIN 1
+#define LIM_COPY_RUN_MAX 4096
+
+/* --release-mb MB: --release chunk un-protects copied RAM every this many MiB */
+#define LIM_RELEASE_MB_MIN 1
+#define LIM_RELEASE_MB_MAX 1024
+
 /* --scan-rounds N; also sizes the per-round report */
 #define LIM_SCAN_ROUNDS_MIN 1
 #define LIM_SCAN_ROUNDS_MAX 64

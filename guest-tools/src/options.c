@@ -57,6 +57,10 @@ const char *const release_names[REL_N] = {
 static const char *const yes_no_names[] = { "no", "yes" };
 
 #define DEFAULT_SIZE (64ULL << 20)
+/* Engine tunables' defaults: the fastest exact setting measured (README.md) */
+#define DEFAULT_COPY_AHEAD 16
+#define DEFAULT_COPY_RUN 32
+#define DEFAULT_RELEASE_MB 2
 
 static void usage(FILE *f)
 {
@@ -77,8 +81,14 @@ static void usage(FILE *f)
 "  --prearm yes|no                            uffd-wp: protect while running, short final pause (yes)\n"
 "  --unprotect all|faulting                   after copying a faulted page, un-protect it in every\n"
 "                                             process (all, the thread's step 2c) or only the faulting one\n"
-"  --release chunk|end                        uffd-wp: un-protect copied RAM every 2 MiB while copying, or all\n"
-"                                             at the end (chunk)\n"
+"  --release chunk|end                        uffd-wp: un-protect copied RAM every --release-mb while copying,\n"
+"                                             or all at the end (chunk)\n"
+"  --release-mb MB                            --release chunk granularity, " STR(LIM_RELEASE_MB_MIN) ".." STR(LIM_RELEASE_MB_MAX) " (" STR(DEFAULT_RELEASE_MB) ")\n"
+"  --copy-ahead PAGES                         uffd-wp: on a fault during the copy, copy the aligned window of\n"
+"                                             PAGES around it and un-protect it with one ioctl per process,\n"
+"                                             " STR(LIM_COPY_AHEAD_MIN) ".." STR(LIM_COPY_AHEAD_MAX) " (" STR(DEFAULT_COPY_AHEAD) "; 1 = only the faulting page)\n"
+"  --copy-run PAGES                           pages the background copier claims and copies at once,\n"
+"                                             " STR(LIM_COPY_RUN_MIN) ".." STR(LIM_COPY_RUN_MAX) " (" STR(DEFAULT_COPY_RUN) ")\n"
 "  --unregistered K                           the last K writers map RAM but never register (0)\n"
 "  --fd-writes                                writer 0 writes with pwrite() on the fd\n"
 "  --punch-hole                               writer 0 punches %d pages after the instant\n"
@@ -181,7 +191,7 @@ enum {
 	OPT_DURATION, OPT_WARMUP, OPT_TIMEOUT, OPT_POPULATE, OPT_PREFILL, OPT_PREARM,
 	OPT_UNREG, OPT_FDW, OPT_PUNCH, OPT_FORK, OPT_KW, OPT_SRC, OPT_ZAP, OPT_VERIFY,
 	OPT_SEED, OPT_CORRUPT, OPT_UNPROTECT, OPT_RELEASE, OPT_PROGRESS, OPT_STAGGER,
-	OPT_ROUNDS, OPT_DRY_RUN, OPT_SELFTEST, OPT_HELP,
+	OPT_ROUNDS, OPT_COPY_AHEAD, OPT_COPY_RUN, OPT_RELEASE_MB, OPT_DRY_RUN, OPT_SELFTEST, OPT_HELP,
 };
 
 static const struct option long_opts[] = {
@@ -212,6 +222,9 @@ static const struct option long_opts[] = {
 	{ "progress-ms", required_argument, NULL, OPT_PROGRESS },
 	{ "stagger-ms", required_argument, NULL, OPT_STAGGER },
 	{ "scan-rounds", required_argument, NULL, OPT_ROUNDS },
+	{ "copy-ahead", required_argument, NULL, OPT_COPY_AHEAD },
+	{ "copy-run", required_argument, NULL, OPT_COPY_RUN },
+	{ "release-mb", required_argument, NULL, OPT_RELEASE_MB },
 	{ "dry-run", no_argument, NULL, OPT_DRY_RUN },
 	{ "self-test", no_argument, NULL, OPT_SELFTEST },
 	{ "help", no_argument, NULL, OPT_HELP },
@@ -332,7 +345,8 @@ enum action parse_options(int argc, char **argv, struct opts *o)
 			    .writers = 1, .pattern = PAT_UNIFORM, .rate = 0, .duration = 1,
 			    .prefill = true, .prearm = true, .seed = 1, .progress_ms = 200,
 			    .stagger_ms = 2, .scan_rounds = 5, .unprotect = UNPROT_ALL,
-			    .release = REL_CHUNK };
+			    .release = REL_CHUNK, .copy_ahead = DEFAULT_COPY_AHEAD,
+			    .copy_run = DEFAULT_COPY_RUN, .release_mb = DEFAULT_RELEASE_MB };
 	opterr = 0;
 	while ((c = getopt_long(argc, argv, ":", long_opts, NULL)) != -1) {
 		snprintf(flag, sizeof(flag), "--%s", option_name(c));
@@ -422,6 +436,15 @@ enum action parse_options(int argc, char **argv, struct opts *o)
 			break;
 		case OPT_ROUNDS:
 			o->scan_rounds = (int)INT_IN(flag, optarg, LIM_SCAN_ROUNDS);
+			break;
+		case OPT_COPY_AHEAD:
+			o->copy_ahead = INT_IN(flag, optarg, LIM_COPY_AHEAD);
+			break;
+		case OPT_COPY_RUN:
+			o->copy_run = INT_IN(flag, optarg, LIM_COPY_RUN);
+			break;
+		case OPT_RELEASE_MB:
+			o->release_mb = INT_IN(flag, optarg, LIM_RELEASE_MB);
 			break;
 		case OPT_DRY_RUN:
 			o->dry_run = true;

@@ -55,6 +55,9 @@ struct opts {
 	int scan_rounds;
 	enum unprotect unprotect;
 	enum release release;
+	uint64_t copy_ahead;    /* pages per fault window (1: the faulting page only) */
+	uint64_t copy_run;      /* pages the copier claims at once */
+	uint64_t release_mb;    /* --release chunk granularity */
 	bool dry_run;           /* --dry-run: print the plan, run nothing */
 	/* decided by the coordinator, not a flag: */
 	uint64_t uffd_features; /* UFFDIO_API features every writer uffd asks for */

@@ -54,6 +54,9 @@ void report_config(struct coord *c)
 	j_bool(&j, "prearm", o->prearm);
 	j_str(&j, "unprotect", unprotect_names[o->unprotect]);
 	j_str(&j, "release", release_names[o->release]);
+	j_uint(&j, "release_mb", o->release_mb);
+	j_uint(&j, "copy_ahead", o->copy_ahead);
+	j_uint(&j, "copy_run", o->copy_run);
 	j_int(&j, "unregistered", o->unregistered);
 	j_bool(&j, "fd_writes", o->fd_writes);
 	j_bool(&j, "punch_hole", o->punch_hole);

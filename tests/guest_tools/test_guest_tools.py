@@ -366,6 +366,9 @@ LIMIT_FLAGS = {
     "CORRUPT_SNAPSHOT": ("--corrupt-snapshot", "{}", True),
     "PROGRESS_MS": ("--progress-ms", "{}", True),
     "SCAN_ROUNDS": ("--scan-rounds", "{}", True),
+    "COPY_AHEAD": ("--copy-ahead", "{}", True),
+    "COPY_RUN": ("--copy-run", "{}", True),
+    "RELEASE_MB": ("--release-mb", "{}", True),
     "SIZE_PAGES": ("--size", None, True),       # checked after parsing: own test
 }
 

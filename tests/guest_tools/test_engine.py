@@ -1,0 +1,105 @@
+# SPDX-License-Identifier: MIT
+"""The uffd-wp engine's tunables keep the snapshot exact.
+
+--copy-ahead (a fault copies and un-protects its aligned window), --copy-run
+(pages the background copier claims at once) and --release-mb (how often
+the copier un-protects what it copied) only change who copies a page when,
+and how many ioctls that takes.
+Whatever they are set to, the snapshot must equal RAM at the instant, and
+every injected fault must still be caught.  No timing is asserted:
+bench/snapshot.py measures.
+"""
+from __future__ import annotations
+
+import subprocess
+
+import pytest
+
+from .test_guest_tools import LOAD, assert_consistent, assert_flagged
+
+pytestmark = pytest.mark.guest_tools
+
+# each setting at an edge of its range, and the combinations worth a run
+SETTINGS = {
+    "copy-ahead-1": ("--copy-ahead", "1"),
+    "copy-ahead-64": ("--copy-ahead", "64"),
+    "copy-ahead-max": ("--copy-ahead", "512"),
+    "copy-ahead-faulting": ("--copy-ahead", "64", "--unprotect", "faulting"),
+    "copy-run-1": ("--copy-run", "1"),
+    "copy-run-max": ("--copy-run", "4096"),
+    "release-mb-64": ("--release-mb", "64"),
+    "release-end-ahead": ("--release", "end", "--copy-ahead", "32"),
+}
+
+
+@pytest.mark.parametrize("setting", list(SETTINGS), ids=list(SETTINGS))
+def test_setting_consistent_at_full_speed(run_snapshot, require, setting):
+    """Writers at full speed fault on the copier's heels: the snapshot is exact."""
+    require("WP_HUGETLBFS_SHMEM")
+    run = run_snapshot("--writers", "3", "--size", "32M", "--rate", "max", "--duration", "0.4",
+                       "--verify", *SETTINGS[setting])
+    s = run.summary
+    assert_consistent(s)
+    flags = SETTINGS[setting]
+    for flag, key in (("--copy-ahead", "copy_ahead"), ("--copy-run", "copy_run"),
+                      ("--release-mb", "release_mb")):
+        if flag in flags:
+            assert run.config[key] == int(flags[flags.index(flag) + 1])
+
+
+def test_copy_ahead_sparse_and_anon_consistent(run_snapshot, require):
+    """Windows over never-written pages (zero in the snapshot) and over one
+    uffd shared by writer threads."""
+    require("WP_HUGETLBFS_SHMEM", "WP_UNPOPULATED", "THREAD_ID")
+    assert_consistent(run_snapshot("--writers", "2", "--prefill", "no", "--copy-ahead", "512",
+                                   "--verify", *LOAD).summary)
+    assert_consistent(run_snapshot("--backing", "anon", "--writers", "2", "--copy-ahead", "64",
+                                   "--verify", *LOAD).summary)
+
+
+INJECTIONS = {
+    "unregistered": ("--writers", "3", "--unregistered", "1"),
+    "punch-hole": ("--writers", "2", "--punch-hole"),
+}
+
+
+@pytest.mark.parametrize("setting", list(SETTINGS), ids=list(SETTINGS))
+@pytest.mark.parametrize("cause", list(INJECTIONS))
+def test_injected_fault_still_caught(run_snapshot, require, setting, cause):
+    """Copying ahead must not hide an injected write: windows are only
+    copied once the bulk copy starts, after the injected write landed."""
+    require("WP_HUGETLBFS_SHMEM")
+    s = run_snapshot(*INJECTIONS[cause], "--verify", *LOAD, *SETTINGS[setting]).summary
+    assert_flagged(s, cause)
+    assert set(s["mismatches_by_cause"]) == {cause}
+
+
+@pytest.mark.parametrize("setting", ["copy-ahead-max", "copy-run-1"])
+def test_verifier_catches_corruption_with_setting(run_snapshot, require, setting):
+    require("WP_HUGETLBFS_SHMEM")
+    s = run_snapshot("--writers", "2", "--verify", "--corrupt-snapshot", "4", *LOAD,
+                     *SETTINGS[setting]).summary
+    assert s["mismatched_pages"] == 4
+    assert s["mismatches_by_cause"] == {"invalid-content": 4}
+
+
+@pytest.mark.parametrize("flag, value, expect", [
+    ("--copy-ahead", "0", "1 to 512"), ("--copy-ahead", "513", "1 to 512"),
+    ("--copy-run", "0", "1 to 4096"), ("--release-mb", "2048", "1 to 1024"),
+])
+def test_engine_flags_refused_outside_their_range(run_snapshot, flag, value, expect):
+    run = run_snapshot(flag, value)
+    assert run.rc == 1, run.describe()
+    assert run.error["flag"] == flag
+    assert f"'{value}'" in run.error["message"] and expect in run.error["message"]
+
+
+def test_engine_defaults_in_config_and_help(run_snapshot, tools, require):
+    require("WP_HUGETLBFS_SHMEM")
+    cfg = run_snapshot("--duration", "0.1", "--rate", "1000").config
+    assert {k: cfg[k] for k in ("copy_ahead", "copy_run", "release_mb")} == \
+        {"copy_ahead": 16, "copy_run": 32, "release_mb": 2}
+    usage = subprocess.run([str(tools / "uffd-snapshot"), "--help"], capture_output=True,
+                           text=True, timeout=30, check=True).stdout
+    for flag in ("--copy-ahead", "--copy-run", "--release-mb"):
+        assert flag in usage
