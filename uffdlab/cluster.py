@@ -477,9 +477,11 @@ def run_points(lab: Lab, grid: Grid, index: SweepIndex, todo: list[int], ev: Emi
                                  resources={RESOURCE: 1}): i for i in todo}
         try:
             for future in as_completed(futures):
-                i = futures[future]
+                i = futures.pop(future)
                 outcome = _outcome_of(future, i)
                 record_outcome(lab, index, jobs[i], outcome)
+                # recorded: Dask must not run it again if its worker dies now
+                future.release()
                 progress.finished(outcome.host or None, i,
                                   outcome.result.status != Status.FAILED)
         finally:
