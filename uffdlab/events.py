@@ -3,8 +3,10 @@
 them. Nothing in the library prints."""
 from __future__ import annotations
 
+import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -40,3 +42,27 @@ class Emitter:
 
     def emit(self, kind: Kind, message: str = "", **data: Any) -> None:
         self.listener(Event(Kind(kind), self.subject, message, data))
+
+
+@contextmanager
+def every(seconds: float, action: Callable[[], None], name: str) -> Iterator[None]:
+    """Call `action` every `seconds`, in a daemon thread, while the block
+    runs (heartbeats of a long step); an action that raises is skipped (a
+    broken listener must not stop the work). Stopped and joined however the
+    block ends."""
+    stop = threading.Event()
+
+    def loop() -> None:
+        while not stop.wait(seconds):
+            try:
+                action()
+            except Exception:
+                pass
+
+    thread = threading.Thread(target=loop, name=name, daemon=True)
+    thread.start()
+    try:
+        yield
+    finally:
+        stop.set()
+        thread.join()

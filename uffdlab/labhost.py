@@ -54,7 +54,7 @@ from .config import (
     read_text,
     short,
 )
-from .events import Emitter, Event, Listener
+from .events import Emitter, Event, Listener, every
 from .model import Kind
 from .owned import ProcessId, process_scratch, reap_scratch
 from .paths import PLAYBOOKS, REPO, checkout
@@ -716,28 +716,16 @@ class _PlaybookEvents:
                        state="failed")
         return True
 
-    @contextlib.contextmanager
-    def heartbeats(self, every: float):
-        stop = threading.Event()
+    def heartbeats(self, seconds: float):
         started = time.monotonic()
 
-        def loop() -> None:
-            while not stop.wait(every):
-                now = time.monotonic()
-                with contextlib.suppress(Exception):    # a broken listener must not stop us
-                    self._emit(Kind.HEARTBEAT,
-                               f"playbook running for {now - started:.0f} s; task "
-                               f"'{self.task}' for {now - self.task_started:.0f} s",
-                               step="lab-host", elapsed=round(now - started, 1),
-                               task=self.task, task_elapsed=round(now - self.task_started, 1))
-
-        thread = threading.Thread(target=loop, name="lab-host-heartbeat", daemon=True)
-        thread.start()
-        try:
-            yield
-        finally:
-            stop.set()
-            thread.join()
+        def beat() -> None:
+            now = time.monotonic()
+            self._emit(Kind.HEARTBEAT, f"playbook running for {now - started:.0f} s; task "
+                       f"'{self.task}' for {now - self.task_started:.0f} s",
+                       step="lab-host", elapsed=round(now - started, 1),
+                       task=self.task, task_elapsed=round(now - self.task_started, 1))
+        return every(seconds, beat, "lab-host-heartbeat")
 
 
 def run_playbook(inventory_: dict, variables: dict, scratch: Path, emitter: Emitter,

@@ -7,7 +7,6 @@ host key); Ansible's task events become the VM's lifecycle events.
 """
 from __future__ import annotations
 
-import contextlib
 import fcntl
 import hashlib
 import json
@@ -18,6 +17,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from .events import every
 from .model import Kind
 from .owned import process_scratch, reap_scratch
 from .paths import PLAYBOOKS
@@ -236,28 +236,11 @@ class _EventCollector:
                    step="provisioning", elapsed=elapsed, task=task,
                    task_elapsed=in_task if task else None)
 
-    @contextlib.contextmanager
-    def heartbeats(self, every: float, since: float | None = None):
-        """A daemon thread calling beat() every `every` seconds while the
-        block runs (elapsed counts from `since`, a monotonic time, or now);
-        stopped and joined however the block ends."""
-        stop = threading.Event()
+    def heartbeats(self, seconds: float, since: float | None = None):
+        """beat() every `seconds` while the block runs (elapsed counts from
+        `since`, a monotonic time, or now)."""
         started = time.monotonic() if since is None else since
-
-        def loop() -> None:
-            while not stop.wait(every):
-                try:
-                    self.beat(started)
-                except Exception:             # a broken listener must not kill the run
-                    pass
-
-        thread = threading.Thread(target=loop, name=f"heartbeat-{self.vm.name}", daemon=True)
-        thread.start()
-        try:
-            yield
-        finally:
-            stop.set()
-            thread.join()
+        return every(seconds, lambda: self.beat(started), f"heartbeat-{self.vm.name}")
 
 
 def _tail(text: str, n: int = 20) -> str:
