@@ -439,7 +439,7 @@ def run_sweep(lab: Lab, grid: Grid, listener: Listener | None = None,
     ev = Emitter("sweep", listener)
     points = grid.points()
     index = resume if resume is not None else _new_index(lab, grid, out_root)
-    _adopt_finished(lab, index, len(points), ev)
+    _adopt_finished(lab, index, points, ev)
     done = {p.index for p in index.points}
     todo = [i for i in range(len(points)) if i not in done]
     ev.emit(Kind.PROGRESS, f"{len(done)}/{len(points)} points"
@@ -494,13 +494,14 @@ def needs_parameters(grid: Grid, names: tuple[str, ...], why: str) -> None:
                          f"which a point {why} needs (10-snapshot.ipynb has them)")
 
 
-def _adopt_finished(lab: Lab, index: SweepIndex, total: int, ev: Emitter) -> None:
+def _adopt_finished(lab: Lab, index: SweepIndex, points: list[dict[str, Any]],
+                    ev: Emitter) -> None:
     """Points an interrupted sweep finished but did not index: a result
     file whose run is stored (or stored now from its journal) is the point's
     outcome; anything less and the point runs again."""
     from .results import ResultsDB, store_once
     done = {p.index for p in index.points}
-    for i in range(total):
+    for i, point in enumerate(points):
         files = point_files(index.directory, i)
         if i in done or not files.result.exists():
             continue
@@ -517,15 +518,10 @@ def _adopt_finished(lab: Lab, index: SweepIndex, total: int, ev: Emitter) -> Non
             with ResultsDB(lab.results_path) as db:
                 if not db.has_run(result.run_id):
                     continue
-        index.record(SweepPoint(index=i, params=grid_point(index, i),
+        index.record(SweepPoint(index=i, params=point,
                                 notebook=files.notebook.name, status=result.status,
                                 run_id=result.run_id, error=result.error))
         ev.emit(Kind.PROGRESS, f"point {i} had finished: {result}")
-
-
-def grid_point(index: SweepIndex, i: int) -> dict[str, Any]:
-    keys = list(index.grid)
-    return dict(zip(keys, list(itertools.product(*index.grid.values()))[i], strict=True))
 
 
 def _run_here(lab: Lab, grid: Grid, index: SweepIndex, todo: list[int], ev: Emitter) -> None:
