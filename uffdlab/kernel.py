@@ -9,11 +9,12 @@ its path>/`:
   fragments, make arguments). It persists, so after a change to one file in
   `mm/` make rebuilds only what depends on it.
 * `out/<key>/`: a finished build (bzImage, config, headers.tar, build.log,
-  meta.json). The key hashes the source state, the config recipe and the
-  compiler's version; the merged config follows from those. A finished
-  build is a directory renamed into place, so a failed or interrupted build
-  caches nothing. A build whose key is there already is a no-op: make does
-  not run at all.
+  meta.json). The key hashes the source state, the config recipe, the
+  compiler's and the linker's version lines and the build variables make
+  reads from the environment (BUILD_ENV); the merged config follows from
+  those. A finished build is a directory renamed into place, so a failed or
+  interrupted build caches nothing. A build whose key is there already is a
+  no-op: make does not run at all.
 
 The source state of a git checkout is HEAD plus a hash of `git diff HEAD`
 and of the untracked sources; of any other tree, a hash of every file's
@@ -49,6 +50,16 @@ BASE_TARGETS = {"defconfig": "x86_64_defconfig", "small": "tinyconfig"}
 UNIT_ESTIMATE = {"defconfig": 2900, "small": 1150}
 KEEP_BUILDS = 3                  # finished builds kept per tree, newest first
 KEEP_FAILED_LOGS = 3             # failed-<image>-<time>.log kept per image
+SHOWN_LINES = 10                 # of a failed config or headers step's output
+# Environment variables make reads that change the kernel it builds while
+# lab.yml stays as it is (Documentation/kbuild/kbuild.rst, llvm.rst): part of
+# the cache key when set, unless a make_args assignment of the same name
+# overrides them. kbuild's Makefile sets CC, LD and HOSTCC itself, so the
+# environment's reach a build only under `make -e`; they count all the same
+# (at worst make runs and finds nothing to redo).
+BUILD_ENV = ("KCFLAGS", "KCPPFLAGS", "KAFLAGS", "KRUSTFLAGS", "CFLAGS_KERNEL",
+             "AFLAGS_KERNEL", "RUSTFLAGS_KERNEL", "LLVM", "LLVM_IAS", "CROSS_COMPILE",
+             "CC", "LD", "HOSTCC")
 
 # Options the lab needs, and what breaks without each. Checked after
 # olddefconfig: a fragment can ask for an option whose dependencies are off.
@@ -169,10 +180,12 @@ class KernelStore:
         return self.tree_dir(image) / f"build-{hashlib.sha256(blob).hexdigest()[:12]}"
 
     def key(self, image: str) -> str:
+        """The source state, the config recipe and the toolchain: what the
+        kernel is made of, known without running make (a no-op build only
+        hashes)."""
         spec = self.spec(image)
         parts = {"source": source_state(self.tree(image), self.tree_dir(image)),
-                 "recipe": self.recipe(image),
-                 "compiler": compiler_version(spec.make_args)}
+                 "recipe": self.recipe(image), **toolchain(spec.make_args)}
         blob = json.dumps(parts, sort_keys=True).encode()
         return hashlib.sha256(blob).hexdigest()[:16]
 
@@ -222,7 +235,7 @@ class KernelStore:
                 (bdir / ".uffdlab-units").write_text(f"{max(units, _unit_count(bdir))}\n")
                 ev.emit(Kind.BUILDING, "installing the UAPI headers")
                 _run(make + [f"INSTALL_HDR_PATH={scratch / 'hdr'}", "headers_install"], logf,
-                     "make headers_install")
+                     "make headers_install", show=SHOWN_LINES)
             release = subprocess.run(make + ["-s", "kernelrelease"], capture_output=True,
                                      text=True).stdout.strip()
             shutil.copyfile(bdir / "arch/x86/boot/bzImage", scratch / "bzImage")
@@ -230,8 +243,7 @@ class KernelStore:
             _tar_headers(scratch / "hdr", scratch / "headers.tar")
             shutil.rmtree(scratch / "hdr")
             meta = {"image": image, "key": out.dir.name, "tree": str(tree),
-                    "release": release, "base": spec.base,
-                    "compiler": compiler_version(spec.make_args),
+                    "release": release, "base": spec.base, **toolchain(spec.make_args),
                     "units": units, "seconds": round(time.monotonic() - t0, 1),
                     "built_at": time.time()}
             (scratch / "meta.json").write_text(json.dumps(meta, indent=2) + "\n")
@@ -252,11 +264,12 @@ class KernelStore:
         merge_config.sh, then olddefconfig; then every needed option checked."""
         spec, tree, bdir = self.spec(image), self.tree(image), self.build_dir(image)
         frags = self.fragments(image)
-        _run(make + [BASE_TARGETS[spec.base]], logf, f"make {BASE_TARGETS[spec.base]}")
+        _run(make + [BASE_TARGETS[spec.base]], logf, f"make {BASE_TARGETS[spec.base]}",
+             show=SHOWN_LINES)
         _run([str(tree / "scripts/kconfig/merge_config.sh"), "-m", "-O", str(bdir),
               str(bdir / ".config"), *map(str, frags)], logf, "merge_config.sh",
-             cwd=tree, env={**os.environ, "ARCH": "x86_64"})
-        _run(make + ["olddefconfig"], logf, "make olddefconfig")
+             show=SHOWN_LINES, cwd=tree, env={**os.environ, "ARCH": "x86_64"})
+        _run(make + ["olddefconfig"], logf, "make olddefconfig", show=SHOWN_LINES)
         final = read_config(bdir / ".config")
         dropped = [f"CONFIG_{o} is not set: {why}" for o, why in NEEDED_OPTIONS.items()
                    if final.get(o) != "y"]
@@ -475,23 +488,51 @@ def _walk(top: Path, rel: str = "") -> Iterator[tuple[str, os.stat_result]]:
             yield path, e.stat(follow_symlinks=False)
 
 
+def toolchain(make_args: list[str]) -> dict:
+    """What makes another kernel of the same sources and config: the
+    compiler's and the linker's version lines, and the build environment."""
+    return {"compiler": compiler_version(make_args), "linker": linker_version(make_args),
+            "env": build_env(make_args)}
+
+
+def build_env(make_args: list[str]) -> dict[str, str]:
+    """The BUILD_ENV variables set (not empty) in the environment that no
+    make_args assignment overrides."""
+    given = {arg.partition("=")[0] for arg in make_args}
+    return {v: os.environ[v] for v in BUILD_ENV if os.environ.get(v) and v not in given}
+
+
 def compiler_version(make_args: list[str]) -> str:
     """The first line of `$CC --version` for the compiler the build uses."""
-    cc, llvm = None, ""
-    for arg in make_args:
-        name, _, value = arg.partition("=")
-        if name == "CC":
-            cc = value
-        elif name == "LLVM":
-            llvm = value
-    if cc is None:          # as kbuild reads LLVM=1, LLVM=/prefix/ and LLVM=-suffix
-        cc = ("gcc" if not llvm else f"{llvm}clang" if llvm.endswith("/")
-              else f"clang{llvm}" if llvm.startswith("-") else "clang")
+    return _version(_tool(make_args, "CC", "gcc", "clang"), "compiler")
+
+
+def linker_version(make_args: list[str]) -> str:
+    """The first line of `$LD --version` for the linker the build uses."""
+    return _version(_tool(make_args, "LD", "ld", "ld.lld"), "linker")
+
+
+def _tool(make_args: list[str], var: str, gnu: str, llvm_name: str) -> str:
+    """The program kbuild runs as `var`: make_args' own, else as its Makefile
+    picks one from LLVM (1, /prefix/ or -suffix) or CROSS_COMPILE, which
+    make_args or the environment set (make_args win, as on make's command
+    line)."""
+    given = dict(arg.partition("=")[::2] for arg in make_args)
+    if var in given:
+        return given[var]
+    llvm = given.get("LLVM", os.environ.get("LLVM", ""))
+    if llvm:
+        return (f"{llvm}{llvm_name}" if llvm.endswith("/")
+                else f"{llvm_name}{llvm}" if llvm.startswith("-") else llvm_name)
+    return given.get("CROSS_COMPILE", os.environ.get("CROSS_COMPILE", "")) + gnu
+
+
+def _version(prog: str, what: str) -> str:
     try:
-        r = subprocess.run([cc, "--version"], capture_output=True, text=True)
+        r = subprocess.run([prog, "--version"], capture_output=True, text=True)
     except OSError as e:
-        raise KernelError(f"the compiler {cc!r} does not run: {e.strerror}") from None
-    return (r.stdout.splitlines() or [cc])[0]
+        raise KernelError(f"the {what} {prog!r} does not run: {e.strerror}") from None
+    return (r.stdout.splitlines() or [prog])[0]
 
 
 # -- helpers ----------------------------------------------------------------------
@@ -520,12 +561,31 @@ def _unit_count(bdir: Path) -> int:
         return 0
 
 
-def _run(argv: list[str], logf, what: str, **kw) -> None:
+def _run(argv: list[str], logf, what: str, show: int = 0, **kw) -> None:
+    """One step, its output into the log. With `show`, a failure carries the
+    last `show` lines of its output that say something (see _NOISE)."""
     logf.write(f"$ {' '.join(argv)}\n")
     logf.flush()
-    r = subprocess.run(argv, stdout=logf, stderr=subprocess.STDOUT, **kw)
+    if not show:
+        r = subprocess.run(argv, stdout=logf, stderr=subprocess.STDOUT, **kw)
+        if r.returncode != 0:
+            raise KernelError(f"{what} failed (exit {r.returncode})")
+        return
+    r = subprocess.run(argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, **kw)
+    out = r.stdout.decode(errors="replace")
+    logf.write(out)
+    logf.flush()
     if r.returncode != 0:
-        raise KernelError(f"{what} failed (exit {r.returncode})")
+        said = [line.rstrip() for line in out.splitlines() if not _NOISE.fullmatch(line)]
+        shown = "\n  ".join(said[-show:]) or "(no output; see the log)"
+        raise KernelError(f"{what} failed (exit {r.returncode}):\n  {shown}")
+
+
+# Output lines that never say why a step failed: blank ones, conf's "#"
+# frames, kbuild's one-line progress ("  HOSTCC  scripts/kconfig/conf.o"),
+# make entering or leaving a directory.
+_NOISE = re.compile(r"\s*#?\s*|  [A-Z][A-Z0-9_]*( \[M\])? +\S.*"
+                    r"|make(\[\d+\])?: (Entering|Leaving) directory .*")
 
 
 def _tar_headers(hdr: Path, dest: Path) -> None:

@@ -34,6 +34,7 @@ from .config import Lab, VMSpec, format_size, parse_size
 from .events import Emitter, Listener
 from .images import Image, ImageStore
 from .keeper import cleanup, last_serial_log
+from .kernel import KernelStore
 from .model import Kind
 from .owned import ProcessId, is_vm_dir, make_vm_dir
 from .paths import REPO
@@ -313,6 +314,14 @@ class VM(Emitter):
         if not self.lab.templates or st is None or not st.facts:
             return None
         img = self.image()
+        if img.spec.kernel.is_local and _digest_or_none(img) != st.kernel:
+            # The kernel changed while this VM ran (a tree edited and rebuilt
+            # during provisioning): a template keyed by the new build would
+            # restore the old one.
+            self.emit(Kind.TEMPLATE, f"no template saved: VM {self.name} runs kernel "
+                      f"{_show('kernel', st.kernel)}, and the kernel changed while it ran "
+                      f"({img.vmlinuz} is another build now)", kernel=st.kernel)
+            return None
         tmpl, inputs = self.template_for(st.accel, img)
         if tmpl.exists:
             return tmpl
@@ -384,14 +393,30 @@ class VM(Emitter):
         st.facts, st.template = facts, tmpl.key
 
     def _check_shape(self, st: VMState) -> None:
-        """A running VM is reused only if it is the VM that was asked for."""
+        """A running VM is reused only if it is the VM that was asked for.
+        A tree's kernel is built first, as `up` builds it: the tree may have
+        changed since the VM booted, and only a build tells whether the
+        kernel did (until then its bzImage does not exist)."""
         img = self.image()
+        if img.spec.kernel.is_tree:
+            img = replace(img, vmlinuz=KernelStore(self.lab, self.listener)
+                          .build(img.name).bzimage)
         wanted = {"image key": img.key, "memory": self.spec.memory, "cpus": self.spec.cpus,
                   "kernel command line": self.kernel_cmdline(img),
                   "kernel": kernel_digest(img)}
         have = st.shape()
         diff = [f"{k} {_show(k, have[k])} (asked for {_show(k, v)})"
                 for k, v in wanted.items() if have[k] != v]
+        if img.spec.kernel.is_tree and have["kernel"] != wanted["kernel"]:
+            tree = self.lab.kernel_path(img.spec.kernel.tree)
+            others = [d for d in diff if not d.startswith("kernel ")]
+            raise VMError(
+                f"VM {self.name!r} runs an older build of its tree kernel "
+                f"({_show('kernel', have['kernel'])}; {tree} as it is now is "
+                f"{_show('kernel', wanted['kernel'])})"
+                + (f", and differs in {'; '.join(others)}" if others else "")
+                + f". 'uffdlab down {self.name}' first, then run again to boot the new "
+                f"build, or use a fresh VM of its own (as 'uffdlab run --bisect' does)")
         if diff:
             raise VMError(f"VM {self.name!r} is running with a different shape: "
                           f"{'; '.join(diff)}. 'uffdlab down {self.name}' first, "
@@ -708,7 +733,24 @@ def kernel_digest(img: Image) -> str:
     """What tells one build of a local or tree kernel from the next (a
     rebuilt tree, or a new bzImage at the same path): its content hash.
     A packaged kernel is part of the image key already."""
-    return file_digest(img.vmlinuz)[:16] if img.spec.kernel.is_local else ""
+    if not img.spec.kernel.is_local:
+        return ""
+    try:
+        return file_digest(img.vmlinuz)[:16]
+    except FileNotFoundError:
+        if not img.spec.kernel.is_tree:
+            raise
+        # the tree changed since its last build: its current key has no bzImage yet
+        raise VMError(f"image {img.name}: its tree kernel is not built for the tree as it "
+                      f"is now (expected {img.vmlinuz}); 'uffdlab kernel build {img.name}' "
+                      f"builds it") from None
+
+
+def _digest_or_none(img: Image) -> str | None:
+    try:
+        return kernel_digest(img)
+    except (VMError, OSError):
+        return None
 
 
 def all_vms(lab: Lab, listener: Listener | None = None) -> list[VM]:

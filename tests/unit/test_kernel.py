@@ -7,7 +7,7 @@ targets the lab runs, each doing next to nothing, and a merge_config.sh that
 concatenates. It mocks the layer below kernel.py; the real tree is the
 integration tests'. Every fake make or merge_config.sh run appends a line to
 a counter file outside the tree, so a test can tell whether make ran. A fake
-gcc first on PATH keeps cache keys independent of the host's compiler.
+gcc and ld first on PATH keep cache keys independent of the host's toolchain.
 """
 from __future__ import annotations
 
@@ -17,6 +17,7 @@ import os
 import re
 import struct
 import subprocess
+import sys
 import tarfile
 import time
 from dataclasses import dataclass, field
@@ -26,22 +27,29 @@ import pytest
 
 from uffdlab import kernel
 from uffdlab.config import ConfigError, KernelSpec, Lab, load_lab
+from uffdlab.digest import file_digest
 from uffdlab.events import Event
 from uffdlab.images import ImageStore, is_bzimage
 from uffdlab.kernel import (
     KernelError,
     KernelStore,
+    build_env,
     compiler_version,
     content_hash,
+    linker_version,
     read_config,
     source_state,
 )
 from uffdlab.model import Kind
+from uffdlab.owned import ProcessId, make_vm_dir
 from uffdlab.tools import sources_tarball
+from uffdlab.vm import VM, VMError, VMState, kernel_digest
 
 RELEASE = "6.12.0-fake"
 GCC_VERSION = "gcc (Fake 13.2.0-1) 13.2.0"
+LD_VERSION = "GNU ld (Fake Binutils) 2.99"
 COMPILER_ERROR = "mm/foo.c:3:1: error: expected ';' before '}' token"
+CONFIG_ERROR = "arch/x86/Kconfig:12: syntax error, unexpected endif"
 
 # Recipe lines start with a tab; a backslash at a line's end joins it to the
 # next in this Python string, so make sees one recipe line. $(FAKE_*) come
@@ -57,9 +65,12 @@ endif
 NEEDED := {needed}
 .PHONY: tinyconfig x86_64_defconfig olddefconfig bzImage headers_install kernelrelease
 
-# every needed option =y, but those in FAKE_BASE_DROP
+# every needed option =y, but those in FAKE_BASE_DROP; FAKE_CONFIG_ERROR names
+# a config step that fails as Kconfig does, after some kbuild progress lines
 tinyconfig x86_64_defconfig:
 \t@echo "$@" >> "$(FAKE_COUNTER)"
+\t@if [ "$(FAKE_CONFIG_ERROR)" = "$@" ]; then echo "  HOSTCC  scripts/kconfig/conf.o"; \
+echo "{config_error}" >&2; exit 2; fi
 \t@mkdir -p "$(O)"
 \t@printf 'CONFIG_%s=y\\n' $(filter-out $(FAKE_BASE_DROP),$(NEEDED)) > "$(O)/.config"
 \t@echo 'CONFIG_BASE_TARGET="$@"' >> "$(O)/.config"
@@ -67,6 +78,8 @@ tinyconfig x86_64_defconfig:
 # the options in FAKE_DEPENDS_OFF have a dependency that is off: dropped
 olddefconfig:
 \t@echo "$@" >> "$(FAKE_COUNTER)"
+\t@if [ "$(FAKE_CONFIG_ERROR)" = "$@" ]; then echo "  HOSTCC  scripts/kconfig/conf.o"; \
+echo "{config_error}" >&2; exit 2; fi
 \t@for o in $(FAKE_DEPENDS_OFF); do sed -i "/^CONFIG_$$o=/d" "$(O)/.config"; \
 echo "# CONFIG_$$o is not set" >> "$(O)/.config"; done
 
@@ -102,6 +115,11 @@ set -e
 out=$3
 shift 3
 echo "merge_config.sh $*" >> "$FAKE_COUNTER"
+if [ "$FAKE_CONFIG_ERROR" = merge_config.sh ]; then
+    echo "Using $1 as base"
+    echo "{config_error}" >&2
+    exit 1
+fi
 cat "$@" > "$out/.config.merging"
 mv "$out/.config.merging" "$out/.config"
 """
@@ -121,12 +139,13 @@ def fake_tree(tree: Path) -> Path:
     """A directory that passes for a kernel tree and builds in milliseconds."""
     files = {
         "Makefile": FAKE_MAKEFILE.replace("{needed}", " ".join(kernel.NEEDED_OPTIONS))
-        .replace("{compiler_error}", COMPILER_ERROR).replace("{release}", RELEASE),
+        .replace("{compiler_error}", COMPILER_ERROR).replace("{release}", RELEASE)
+        .replace("{config_error}", CONFIG_ERROR),
         "Kconfig": 'mainmenu "Fake Linux"\n',
         "arch/x86/Kconfig": "config X86\n\tdef_bool y\n",
         "kernel/configs/kvm_guest.config": 'CONFIG_KVM_GUEST=y\nCONFIG_LOCALVERSION="-kvm"\n',
         "mm/userfaultfd.c": "int uffd_version = 1;\n",
-        "scripts/kconfig/merge_config.sh": FAKE_MERGE,
+        "scripts/kconfig/merge_config.sh": FAKE_MERGE.replace("{config_error}", CONFIG_ERROR),
     }
     for rel, text in files.items():
         (tree / rel).parent.mkdir(parents=True, exist_ok=True)
@@ -227,10 +246,14 @@ def fresh_states(monkeypatch):
 
 @pytest.fixture
 def bin_dir(tmp_path, monkeypatch) -> Path:
-    """A directory first on PATH, with a fake gcc in it."""
+    """A directory first on PATH, with a fake gcc and ld in it, and none of
+    the build variables a key depends on in the environment."""
     d = tmp_path / "bin"
     executable(d / "gcc", f'echo "{GCC_VERSION}"\necho "Copyright (C) fake"\n')
+    executable(d / "ld", f'echo "{LD_VERSION}"\necho "Copyright (C) fake"\n')
     monkeypatch.setenv("PATH", f"{d}{os.pathsep}{os.environ['PATH']}")
+    for var in kernel.BUILD_ENV:
+        monkeypatch.delenv(var, raising=False)
     return d
 
 
@@ -238,7 +261,8 @@ def bin_dir(tmp_path, monkeypatch) -> Path:
 def kit(tmp_path, monkeypatch, bin_dir) -> Kit:
     fake_tree(tmp_path / "linux")
     monkeypatch.setenv("FAKE_COUNTER", str(tmp_path / "make-runs"))
-    for var in ("FAKE_BASE_DROP", "FAKE_DEPENDS_OFF", "FAKE_COMPILE_ERROR", "KCFLAGS"):
+    for var in ("FAKE_BASE_DROP", "FAKE_DEPENDS_OFF", "FAKE_COMPILE_ERROR",
+                "FAKE_CONFIG_ERROR"):
         monkeypatch.delenv(var, raising=False)
     return Kit(tmp_path)
 
@@ -458,6 +482,7 @@ def test_build_makes_bzimage_config_headers_and_meta(kit):
     assert (meta["release"], meta["key"], meta["image"], meta["base"]) == \
         (RELEASE, out.dir.name, "dev", "defconfig")
     assert (meta["compiler"], meta["units"], meta["tree"]) == (GCC_VERSION, 3, str(kit.tree))
+    assert (meta["linker"], meta["env"]) == (LD_VERSION, {})
     log = (out.dir / "build.log").read_text()
     assert "$ make -C" in log and "  CC      mm/memory.o" in log
     assert sorted(p.name for p in out.dir.iterdir()) == \
@@ -565,6 +590,54 @@ def test_another_compiler_changes_the_key_not_the_build_dir(kit, bin_dir):
     assert second.meta["compiler"] == "gcc (Fake 14.1.0-1) 14.1.0"
 
 
+# Flags make reads from the environment (kbuild.rst) change the kernel while
+# lab.yml stays as it is: another key, the same build directory.
+def test_build_flags_in_the_environment_change_the_key(kit, monkeypatch):
+    store = kit.store()
+    first, bdir = store.build("dev"), store.build_dir("dev")
+    monkeypatch.setenv("KCFLAGS", "-Og")
+    assert store.current("dev") != first
+    second = store.build("dev")
+    assert kit.runs()[-2] == "bzImage KCFLAGS=-Og"            # what make saw
+    assert second.meta["env"] == {"KCFLAGS": "-Og"} and store.build_dir("dev") == bdir
+    monkeypatch.setenv("KCFLAGS", "-O1")
+    assert store.current("dev") not in (first, second)
+    monkeypatch.delenv("KCFLAGS")
+    assert store.current("dev") == first                       # cached still: no make
+    assert kit.compiles() == 2
+
+
+@pytest.mark.parametrize("var,value", [("KCPPFLAGS", "-DUFFD_DEBUG"), ("KAFLAGS", "-g"),
+                                       ("LLVM_IAS", "0"), ("HOSTCC", "gcc-13")])
+def test_other_build_variables_in_the_environment_change_the_key(kit, monkeypatch, var, value):
+    store = kit.store()
+    before = store.key("dev")
+    monkeypatch.setenv(var, value)
+    assert store.key("dev") != before
+
+
+def test_the_environment_counts_only_where_make_args_do_not_override_it(kit, monkeypatch):
+    """A make_args assignment wins over the environment's (make's command
+    line does), so the environment's value does not make another kernel."""
+    store = kit.store("make_args: [KCFLAGS=-Og]")
+    before = store.key("dev")
+    monkeypatch.setenv("KCFLAGS", "-O1")
+    monkeypatch.setenv("KBUILD_BUILD_USER", "someone")         # not a build variable
+    monkeypatch.setenv("KCPPFLAGS", "")                        # empty: as unset for make
+    assert store.key("dev") == before
+    assert build_env(["KCFLAGS=-Og"]) == {}
+    assert build_env([]) == {"KCFLAGS": "-O1"}
+
+
+def test_another_linker_changes_the_key(kit, monkeypatch):
+    store = kit.store()
+    first = store.build("dev")
+    monkeypatch.setattr(kernel, "linker_version", lambda make_args: "GNU ld (Fake) 3.0")
+    assert store.current("dev") != first
+    assert store.build("dev").meta["linker"] == "GNU ld (Fake) 3.0"
+    assert kit.compiles() == 2
+
+
 def test_force_rebuilds_the_same_key(kit):
     store = kit.store()
     first = store.build("dev")
@@ -645,6 +718,52 @@ def test_a_compile_failure_shows_the_compiler_line_and_caches_nothing(kit, monke
     # the build dir stays, and the next build after the fix goes through
     monkeypatch.delenv("FAKE_COMPILE_ERROR")
     assert is_bzimage(store.build("dev").bzimage)
+
+
+@pytest.mark.parametrize("step,what,code", [
+    ("x86_64_defconfig", "make x86_64_defconfig", 2),
+    ("merge_config.sh", "merge_config.sh", 1),
+    ("olddefconfig", "make olddefconfig", 2),
+])
+def test_a_failed_config_step_shows_what_it_said_and_caches_nothing(kit, monkeypatch, step,
+                                                                    what, code):
+    """As a compile failure shows the compiler's lines: the step's own last
+    lines, without kbuild's progress lines or make's directory changes."""
+    monkeypatch.setenv("FAKE_CONFIG_ERROR", step)
+    store = kit.store()
+    with pytest.raises(KernelError) as exc:
+        store.build("dev")
+    msg = str(exc.value)
+    lines = msg.splitlines()
+    assert lines[0] == f"{what} failed (exit {code}):"
+    assert f"  {CONFIG_ERROR}" in lines
+    if what.startswith("make "):
+        assert lines[-2] == f"  make: *** [Makefile:{_rule_line(kit, step)}: {step}] Error 2"
+    assert not any("HOSTCC" in line or "directory" in line for line in lines)
+    assert lines[-1].startswith("full build log: ")
+    log = log_named_in(msg).read_text()
+    assert CONFIG_ERROR in log and "HOSTCC" not in msg
+    assert kit.compiles() == 0
+    _assert_nothing_cached(kit, store)
+
+
+def _rule_line(kit: Kit, target: str) -> int:
+    """The line of the fake Makefile's recipe that fails for `target`."""
+    text = (kit.tree / "Makefile").read_text().splitlines()
+    rule = next(i for i, line in enumerate(text) if re.match(rf"(\S+ )*{target}( \S+)*:", line))
+    return next(i + 1 for i in range(rule, len(text)) if "FAKE_CONFIG_ERROR" in text[i])
+
+
+def test_a_failed_step_shows_only_its_last_lines(tmp_path):
+    with open(tmp_path / "log", "w") as logf, pytest.raises(KernelError) as exc:
+        kernel._run(["sh", "-c", "for i in $(seq 30); do echo line $i; echo; done; exit 3"],
+                    logf, "the step", show=4)
+    assert str(exc.value) == "the step failed (exit 3):\n  line 27\n  line 28\n  line 29\n" \
+        "  line 30"
+    assert (tmp_path / "log").read_text().count("\nline ") == 30      # all of it in the log
+    with open(tmp_path / "log", "w") as logf, pytest.raises(KernelError) as exc:
+        kernel._run(["sh", "-c", "exit 4"], logf, "the quiet step", show=4)
+    assert str(exc.value) == "the quiet step failed (exit 4):\n  (no output; see the log)"
 
 
 # The failed log's name has one-second resolution: a second failure within the
@@ -872,6 +991,46 @@ def test_compiler_version_of_the_compiler_the_build_uses(compilers, make_args, f
     assert compiler_version(make_args) == first_line
 
 
+def test_compiler_version_follows_llvm_and_cross_compile_from_the_environment(
+        compilers, monkeypatch):
+    """kbuild reads LLVM and CROSS_COMPILE from the environment too (it sets
+    CC itself, so the environment's CC does not pick the compiler)."""
+    monkeypatch.setenv("LLVM", "-17")
+    assert compiler_version([]) == "clang-17 version 99.0 (fake)"
+    assert compiler_version(["LLVM="]) == GCC_VERSION          # make_args win
+    monkeypatch.delenv("LLVM")
+    executable(compilers / "x86_64-linux-gnu-gcc", 'echo "cross gcc 12"\n')
+    monkeypatch.setenv("CROSS_COMPILE", "x86_64-linux-gnu-")
+    assert compiler_version([]) == "cross gcc 12"
+    monkeypatch.setenv("CC", "fakecc")
+    assert compiler_version([]) == "cross gcc 12"
+
+
+@pytest.mark.parametrize("make_args,first_line", [
+    ([], LD_VERSION),
+    (["KCFLAGS=-Og", "CC=fakecc"], LD_VERSION),
+    (["LD=fakeld"], "fakeld 1.0"),
+    (["LLVM=1"], "ld.lld 99.0 (fake)"),
+    (["LLVM=-17"], "ld.lld-17 99.0 (fake)"),
+    (["LLVM=1", "LD=fakeld"], "fakeld 1.0"),
+    (["CROSS_COMPILE=x86_64-linux-gnu-"], "cross ld 2.41"),
+])
+def test_linker_version_of_the_linker_the_build_uses(compilers, make_args, first_line):
+    executable(compilers / "ld.lld", 'echo "ld.lld 99.0 (fake)"\n')
+    executable(compilers / "ld.lld-17", 'echo "ld.lld-17 99.0 (fake)"\n')
+    executable(compilers / "fakeld", 'echo "fakeld 1.0"\n')
+    executable(compilers / "x86_64-linux-gnu-ld", 'echo "cross ld 2.41"\n')
+    assert linker_version(make_args) == first_line
+
+
+def test_an_unrunnable_linker_is_a_kernel_error(kit):
+    with pytest.raises(KernelError, match=r"^the linker 'no-such-ld' does not run: "):
+        linker_version(["LD=no-such-ld"])
+    with pytest.raises(KernelError, match="the linker 'no-such-ld' does not run"):
+        kit.store("make_args: [LD=no-such-ld]").build("dev")
+    assert kit.runs() == []
+
+
 def test_compiler_version_by_path(tmp_path, compilers):
     cc = executable(tmp_path / "opt/cc", 'echo "opt cc 1.0"\n')
     assert compiler_version([f"CC={cc}"]) == "opt cc 1.0"
@@ -974,3 +1133,159 @@ def test_sources_tarball_skips_header_entries_headers_install_never_makes(tmp_pa
     with tarfile.open(sources_tarball(tmp_path / "s.tar", kernel_headers=hostile)) as tar:
         assert [n for n in tar.getnames() if "evil" in n or n.startswith("kernel-headers/")] \
             == ["kernel-headers/include/linux/ok.h"]
+
+
+# -- a running VM of a tree image ---------------------------------------------------
+# No VM boots: a "running VM" is a marked directory whose keeper is a sleeping
+# process carrying the directory's path, as in test_ownership.py.
+
+
+@pytest.fixture
+def keeper():
+    procs = []
+
+    def start(vm: VM) -> subprocess.Popen:
+        p = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(120)",
+                              str(vm.dir)])
+        procs.append(p)
+        deadline = time.monotonic() + 5           # until the exec shows in /proc
+        while "time.sleep" not in Path(f"/proc/{p.pid}/cmdline").read_text() \
+                and time.monotonic() < deadline:
+            time.sleep(0.01)
+        return p
+
+    yield start
+    for p in procs:
+        p.kill()
+        p.wait()
+
+
+def running(vm: VM, keeper: subprocess.Popen, kernel_build: str) -> VMState:
+    """The state VM.up leaves for a VM booted from the kernel `kernel_build`."""
+    make_vm_dir(vm.dir, str(vm.lab.source.resolve()))
+    st = VMState(vm.name, vm.spec.image, vm.image().key, RELEASE, "tcg", "test", 2222,
+                 ProcessId.of(keeper.pid, str(vm.dir)).to_dict(),
+                 {"pid": 0, "start": 0, "tag": "x"}, time.time(), "ssh-ed25519 AAAA",
+                 vm.spec.memory, vm.spec.cpus, cmdline=vm.kernel_cmdline(),
+                 kernel=kernel_build, ssh_ready=True, lab=str(vm.lab.source.resolve()))
+    st.save(vm.state_file)
+    return st
+
+
+def edit_tree(kit: Kit, release: str) -> None:
+    """A source edit whose build is another bzImage (a real one differs
+    build to build; the fake make copies fake-bzImage)."""
+    (kit.tree / "fake-bzImage").write_bytes(fake_bzimage(release))
+
+
+def test_reuse_builds_the_edited_tree_then_refuses_a_vm_running_an_older_build(kit, keeper):
+    """`run` and `up --reuse` on a running VM of a tree image build the
+    tree's kernel first (its current state has no bzImage yet), with the
+    build's events; the VM running the old build is then refused with what
+    to do, never a FileNotFoundError."""
+    lab = kit.lab()
+    first = KernelStore(lab).build("dev")
+    vm = VM(lab, "guest", kit.events.append)
+    st = running(vm, keeper(vm), file_digest(first.bzimage)[:16])
+    kit.events.clear()
+    assert vm.up(reuse=True).kernel == st.kernel              # unchanged tree: reused
+    assert kit.compiles() == 1 and kit.events[0].data["cached"] is True
+    edit_tree(kit, "6.12.0-fake2")
+    assert not KernelStore(lab).current("dev").dir.exists()
+    kit.events.clear()
+    with pytest.raises(VMError) as exc:
+        VM(kit.lab(), "guest", kit.events.append).up(reuse=True)
+    assert kit.compiles() == 2                                 # built before comparing
+    new = KernelStore(lab).current("dev")
+    assert new.bzimage.is_file()
+    assert str(exc.value) == (
+        f"VM 'guest' runs an older build of its tree kernel (build {st.kernel[:12]}; "
+        f"{kit.tree} as it is now is build {file_digest(new.bzimage)[:12]}). 'uffdlab down "
+        f"guest' first, then run again to boot the new build, or use a fresh VM of its "
+        f"own (as 'uffdlab run --bisect' does)")
+    assert [e.subject for e in kit.events] and {e.subject for e in kit.events} == {"dev"}
+    assert any(e.kind == Kind.PROGRESS for e in kit.events)
+    assert kit.events[-1].message.startswith(f"kernel {RELEASE} built: 3 units")
+    # the edit undone: the first build is the tree's again, cached, and the VM runs it
+    edit_tree(kit, RELEASE)
+    assert vm.up(reuse=True).kernel == st.kernel and kit.compiles() == 2
+
+
+def test_reuse_names_the_other_differences_too(kit, keeper):
+    lab = kit.lab()
+    first = KernelStore(lab).build("dev")
+    vm = VM(lab, "guest")
+    running(vm, keeper(vm), file_digest(first.bzimage)[:16])
+    edit_tree(kit, "6.12.0-fake2")
+    bigger = (kit.root / "lab.yml").read_text().replace("    image: dev\n",
+                                                      "    image: dev\n    cpus: 4\n")
+    (kit.root / "lab.yml").write_text(bigger)
+    with pytest.raises(VMError, match=r"^VM 'guest' runs an older build of its tree kernel "
+                       r"\(.*\), and differs in cpus 2 \(asked for 4\)\. 'uffdlab down guest' "
+                       r"first"):
+        VM(load_lab(kit.root / "lab.yml"), "guest").up(reuse=True)
+
+
+def test_reuse_with_a_tree_that_does_not_build_is_the_build_error(kit, keeper, monkeypatch):
+    lab = kit.lab()
+    first = KernelStore(lab).build("dev")
+    vm = VM(lab, "guest")
+    st = running(vm, keeper(vm), file_digest(first.bzimage)[:16])
+    edit_tree(kit, "6.12.0-fake2")
+    monkeypatch.setenv("FAKE_COMPILE_ERROR", "1")
+    with pytest.raises(KernelError, match=r"^make bzImage failed \(exit 2\)"):
+        vm.up(reuse=True)
+    assert vm.state() == st                                    # the VM runs on, untouched
+
+
+def test_kernel_digest_of_an_unbuilt_tree_says_to_build_it(kit):
+    img = ImageStore(kit.lab()).image("dev")
+    with pytest.raises(VMError) as exc:
+        kernel_digest(img)
+    assert str(exc.value) == (f"image dev: its tree kernel is not built for the tree as it "
+                              f"is now (expected {img.vmlinuz}); 'uffdlab kernel build dev' "
+                              f"builds it")
+
+
+@pytest.mark.parametrize("rebuilt", [False, True])
+def test_no_template_is_saved_when_the_tree_kernel_changed_while_the_vm_ran(kit, keeper,
+                                                                            rebuilt):
+    """A tree edited during provisioning: a template keyed by the tree's new
+    kernel would restore the old one. Nothing is saved (and the new build
+    need not exist yet)."""
+    lab = kit.lab()
+    first = KernelStore(lab).build("dev")
+    vm = VM(lab, "guest", kit.events.append)
+    st = running(vm, keeper(vm), file_digest(first.bzimage)[:16])
+    st.facts = {"tools_digest": "x"}
+    st.save(vm.state_file)
+    edit_tree(kit, "6.12.0-fake2")
+    if rebuilt:
+        KernelStore(lab).build("dev")
+    kit.events.clear()
+    assert lab.templates and vm.save_template() is None
+    [ev] = kit.events
+    assert ev.kind == Kind.TEMPLATE and ev.message.startswith(
+        f"no template saved: VM guest runs kernel build {st.kernel[:12]}, and the kernel "
+        f"changed while it ran")
+    assert not (kit.cache / "templates").exists()
+
+
+def test_uffdlab_run_on_a_vm_running_an_older_tree_build_is_a_one_line_error(kit, keeper,
+                                                                             capsys):
+    """The issue's path: `uffdlab run` after the tree changed under a running
+    VM. The kernel build shows on stderr, then the refusal; no traceback."""
+    from uffdlab import cli
+    lab = kit.lab()
+    first = KernelStore(lab).build("dev")
+    vm = VM(lab, "guest")
+    running(vm, keeper(vm), file_digest(first.bzimage)[:16])
+    edit_tree(kit, "6.12.0-fake2")
+    capsys.readouterr()
+    assert cli.main(["--lab", str(lab.source), "run", "S1", "--vm", "guest"]) == 1
+    err = capsys.readouterr().err
+    assert f"kernel {RELEASE} built: 3 units" in err
+    assert "VM 'guest' runs an older build of its tree kernel" in err
+    assert "'uffdlab down guest' first" in err
+    assert "Traceback" not in err and "FileNotFoundError" not in err
+    assert kit.compiles() == 2
