@@ -27,8 +27,16 @@ Targets (issue 15), each printed as met/MISSED:
     python3 bench/snapshot.py [--size 1G] [--writers 4] [--repeat 3] [--seeds 20]
     python3 bench/snapshot.py --json          # machine-readable, see below
     python3 bench/snapshot.py --engine-args="--copy-ahead 1"   # compare an engine setting
+    .venv/bin/python bench/snapshot.py --in-vm trixie   # the same inside a lab VM
 
-Stdlib only; builds guest-tools/ if needed.  Prints a table.  With --json
+--in-vm IMAGE runs the same rows inside a lab VM of that image, of the
+notebooks' shape (booted, or restored from its template, and provisioned
+as the notebooks do, then left running), with the tools built there,
+against the guest's own floors: under TCG the absolute figures mean little, the ratios
+still do.  Sizes default smaller there (--size 128M, --seed-size 32M,
+--seeds 5, --duration 2).
+
+Stdlib only (--in-vm: the lab's venv); builds guest-tools/ if needed.  Prints a table.  With --json
 the table goes to stderr and stdout gets exactly one line: one JSON object
 with the keys above, plus `targets` (key -> {value, limit, op, met}),
 `load_avg` (1-minute load before and after), `floors` (uffd-bench),
@@ -62,34 +70,75 @@ TARGETS = {
 }
 
 
-def build() -> None:
-    done = subprocess.run(["make", "-C", str(TOOLS), "-j", str(os.cpu_count() or 1)],
-                          capture_output=True, text=True)
-    if done.returncode:
-        sys.exit(f"building guest-tools failed:\n{done.stdout}\n{done.stderr}")
+class Here:
+    """The tools built from this checkout, run on this machine."""
+
+    def __init__(self) -> None:
+        done = subprocess.run(["make", "-C", str(TOOLS), "-j", str(os.cpu_count() or 1)],
+                              capture_output=True, text=True)
+        if done.returncode:
+            sys.exit(f"building guest-tools failed:\n{done.stdout}\n{done.stderr}")
+        self.where = (f"host {platform.node()}  kernel {platform.release()}  "
+                      f"cpus {os.cpu_count()}")
+
+    def run(self, tool: str, args: list[str], timeout: float) -> tuple[int, str, str]:
+        done = subprocess.run([str(BIN / tool), *args], capture_output=True, text=True,
+                              timeout=timeout)
+        return done.returncode, done.stdout, done.stderr
+
+    def load(self) -> float:
+        return os.getloadavg()[0]
 
 
-def run_json(argv: list[str], kind: str, timeout: float = 600) -> dict:
-    done = subprocess.run(argv, capture_output=True, text=True, timeout=timeout)
-    records = [json.loads(line) for line in done.stdout.splitlines() if line.strip()]
+class InVM:
+    """The tools a lab VM was provisioned with, run in it over SSH."""
+
+    def __init__(self, image: str) -> None:
+        sys.path.insert(0, str(REPO))
+        from uffdlab import api
+        lab = api.open_lab(None)
+        # the notebooks' shape (1536M, 2 cpus), so their running VM serves
+        self.vm = api.vm_for(lab, image)
+        state = api.ready(self.vm)
+        self.bin = f"{lab.provision.tools_dir}/bin"
+        self.where = (f"VM {self.vm.name}  kernel {state.kernel_release}  accel {state.accel}  "
+                      f"cpus {self.vm.spec.cpus}")
+
+    def run(self, tool: str, args: list[str], timeout: float) -> tuple[int, str, str]:
+        out = self.vm.shared_session().run(shlex.join([f"{self.bin}/{tool}", *args]),
+                                           timeout=timeout)
+        return out.exit_status, out.stdout, out.stderr
+
+    def load(self) -> float:
+        return float(self.run_text("cat /proc/loadavg").split()[0])
+
+    def run_text(self, command: str) -> str:
+        return self.vm.shared_session().run(command, timeout=30).stdout
+
+
+WHERE: Here | InVM
+
+
+def run_json(tool: str, args: list[str], kind: str, timeout: float = 600) -> dict:
+    rc, stdout, stderr = WHERE.run(tool, args, timeout)
+    records = [json.loads(line) for line in stdout.splitlines() if line.startswith("{")]
     found = [r for r in records if r.get("type") == kind]
-    if done.returncode or not found:
-        sys.exit(f"{' '.join(argv)} failed ({done.returncode}):\n{done.stdout[-2000:]}\n"
-                 f"{done.stderr[-2000:]}")
+    if rc or not found:
+        sys.exit(f"{tool} {' '.join(args)} failed ({rc}):\n{stdout[-2000:]}\n"
+                 f"{stderr[-2000:]}")
     return found[-1]
 
 
 def floors(size: str) -> dict:
-    return run_json([str(BIN / "uffd-bench"), "--memcpy-size", size, "--round-trips", "2000"],
-                    "bench")
+    return run_json("uffd-bench", ["--memcpy-size", size, "--round-trips", "2000"], "bench")
 
 
 def snapshot(strategy: str, rate: str, size: str, writers: int, duration: float,
              extra: list[str], warmup: float = 1, seed: int = 1) -> dict:
-    return run_json([str(BIN / "uffd-snapshot"), "--strategy", strategy, "--backing", "memfd",
-                     "--size", size, "--writers", str(writers), "--rate", rate,
-                     "--duration", str(duration), "--warmup", str(warmup), "--verify",
-                     "--seed", str(seed), *extra], "summary")
+    return run_json("uffd-snapshot", ["--strategy", strategy, "--backing", "memfd",
+                                      "--size", size, "--writers", str(writers), "--rate", rate,
+                                      "--duration", str(duration), "--warmup", str(warmup),
+                                      "--verify", "--seed", str(seed), *extra], "summary")
 
 
 def median_summary(runs: list[dict]) -> dict:
@@ -152,15 +201,21 @@ def print_table(out, rows, results, memcpy_gbs: float, rt_p50: float) -> None:
 
 
 def main() -> int:
+    global WHERE
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--size", default="1G")
+    ap.add_argument("--in-vm", metavar="IMAGE",
+                    help="run inside a lab VM of this image of lab.yml, against the "
+                         "guest's own floors")
+    ap.add_argument("--size", help="RAM of the timed runs (default 1G; 128M --in-vm)")
     ap.add_argument("--writers", type=int, default=4)
     ap.add_argument("--repeat", type=int, default=3)
-    ap.add_argument("--duration", type=float, default=3.0,
-                    help="writer run time per snapshot run, seconds (1 s warm-up included)")
-    ap.add_argument("--seeds", type=int, default=20,
-                    help="S3-like verification runs, one per seed 1..N (0: skip)")
-    ap.add_argument("--seed-size", default="128M", help="RAM size of the seed runs")
+    ap.add_argument("--duration", type=float,
+                    help="writer run time per snapshot run, seconds, 1 s warm-up included "
+                         "(default 3; 2 --in-vm)")
+    ap.add_argument("--seeds", type=int,
+                    help="S3-like verification runs, one per seed 1..N, 0: skip "
+                         "(default 20; 5 --in-vm)")
+    ap.add_argument("--seed-size", help="RAM size of the seed runs (default 128M; 32M --in-vm)")
     ap.add_argument("--engine-args", default="",
                     help="extra uffd-snapshot flags for the uffd-wp runs and seed runs, "
                          "e.g. '--copy-ahead 1'")
@@ -169,16 +224,20 @@ def main() -> int:
     ap.add_argument("--json", action="store_true",
                     help="table to stderr; one JSON object with the target keys on stdout")
     args = ap.parse_args()
+    guest = args.in_vm is not None
+    for key, here, there in (("size", "1G", "128M"), ("duration", 3.0, 2.0),
+                             ("seeds", 20, 5), ("seed_size", "128M", "32M")):
+        if getattr(args, key) is None:
+            setattr(args, key, there if guest else here)
     out = sys.stderr if args.json else sys.stdout
     extra = shlex.split(args.engine_args)
 
-    build()
-    load0 = os.getloadavg()[0]
+    WHERE = InVM(args.in_vm) if guest else Here()
+    load0 = WHERE.load()
     fl = floors(args.size)
     memcpy_gbs = fl["memcpy_gb_s"]
     rt_p50 = fl["round_trip_us"]["p50"]
-    print(f"host {platform.node()}  kernel {platform.release()}  cpus {os.cpu_count()}  "
-          f"load {load0:.2f}", file=out)
+    print(f"{WHERE.where}  load {load0:.2f}", file=out)
     print(f"floors (same run): memcpy {memcpy_gbs:.2f} GB/s; single-process uffd-wp round trip "
           f"p50 {rt_p50:.1f} us, p99 {fl['round_trip_us']['p99']:.1f} us "
           f"(writer-seen p50 {fl['round_trip_writer_us']['p50']:.1f} us)", file=out)
@@ -200,7 +259,7 @@ def main() -> int:
 
     seed_runs = [snapshot("uffd-wp", "max", args.seed_size, 4, 0.5, ["--unprotect", "all", *extra],
                           warmup=0.1, seed=s) for s in range(1, args.seeds + 1)]
-    load1 = os.getloadavg()[0]
+    load1 = WHERE.load()
 
     def gbs(r: dict, key: str = "snapshot_ms") -> float:
         return r["bytes"] / (r[key] * 1e6)
@@ -232,6 +291,7 @@ def main() -> int:
             "targets": targets,
             "all_met": all(t["met"] for t in targets.values()),
             "load_avg": {"before": load0, "after": load1},
+            "where": WHERE.where,
             "cpus": os.cpu_count(),
             "kernel": platform.release(),
             "size": args.size, "writers": args.writers, "repeat": args.repeat,

@@ -11,7 +11,9 @@ is there, named, unchanged and the content hash matches: a tampered,
 truncated or padded archive is refused with what is wrong and installs
 nothing. The image carries no lab key (the guest reads the lab's key from
 the kernel command line), so it boots in the importer's lab as it did in
-the exporter's, with the same pinned host key.
+the exporter's, with the same pinned host key. When the importer's lab.lock
+locks an image of the archive's recipe at another content hash, import says
+so (lock_mismatches), and with `locked` refuses.
 """
 from __future__ import annotations
 
@@ -28,6 +30,7 @@ from .config import Lab
 from .digest import file_digest
 from .events import Emitter, Listener
 from .images import CONTENT_FILES, ImageError, ImageStore, content_hash, locked_image
+from .lock import lock_path, read_lock
 from .model import Kind
 
 FORMAT = "uffdlab-image/1"
@@ -78,10 +81,41 @@ def export_image(store: ImageStore, name: str, dest: Path,
     return dest
 
 
+def lock_mismatches(lab: Lab, desc: dict) -> list[str]:
+    """How the archive (its descriptor) differs from the lab's lab.lock: one
+    line for each locked image of the archive's recipe whose content hash is
+    another. None without a lock or an entry of that recipe."""
+    lock = read_lock(lab.source)
+    if lock is None:
+        return []
+    return [f"content {desc['content_hash']}, but {lock_path(lab.source).name} locks image "
+            f"{name} (recipe {entry.recipe_key}) at content {entry.content_hash}"
+            for name, entry in sorted(lock.images.items())
+            if entry.recipe_key == desc["key"] and entry.content_hash != desc["content_hash"]]
+
+
+def _check_lock(lab: Lab, desc: dict, locked: bool, ev: Emitter) -> None:
+    """Refuse (locked) or warn about an archive that is not what lab.lock locks."""
+    problems = lock_mismatches(lab, desc)
+    if not locked:
+        for p in problems:
+            ev.emit(Kind.BUILDING, f"warning: {p}; runs on it are not the locked image's",
+                    lock_mismatch=p)
+        return
+    lock = read_lock(lab.source)
+    if lock is None or not any(e.recipe_key == desc["key"] for e in lock.images.values()):
+        raise _Refused(f"--locked, but {lock_path(lab.source)} locks no image of recipe "
+                       f"{desc['key']} ('uffdlab lock' writes one)")
+    if problems:
+        raise _Refused("--locked: " + "; ".join(problems))
+
+
 def import_image(lab: Lab, archive: Path, force: bool = False,
-                 listener: Listener | None = None) -> tuple[dict, Path]:
+                 listener: Listener | None = None, locked: bool = False) -> tuple[dict, Path]:
     """Verify `archive` and install its image into the lab's cache. Returns
-    the descriptor and the installed directory."""
+    the descriptor and the installed directory. An image whose content is
+    not what lab.lock locks for its recipe is said (an event), and refused
+    with `locked`, as is one of a recipe the lock does not hold."""
     store = ImageStore(lab, listener)
     archive = Path(archive)
     ev = Emitter(archive.name, listener)
@@ -91,6 +125,10 @@ def import_image(lab: Lab, archive: Path, force: bool = False,
     scratch.mkdir()
     try:
         desc = _unpack_verified(archive, scratch, ev)
+        try:
+            _check_lock(lab, desc, locked, ev)       # before anything is installed
+        except _Refused as e:
+            raise ImageError(f"{archive}: refused, nothing installed: {e}") from None
         dest = store.root / desc["key"]
         with open(store.root / f".{desc['key']}.lock", "w") as lock:
             fcntl.flock(lock, fcntl.LOCK_EX)          # not while a build of it runs

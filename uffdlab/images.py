@@ -29,6 +29,7 @@ from .digest import file_digest
 from .events import Emitter, Listener
 from .keys import LabKeys
 from .lock import (
+    DEFAULT_SOURCE_DATE_EPOCH,
     Lock,
     LockedImage,
     apt_pins,
@@ -170,14 +171,20 @@ PIN_HOOK = ('mkdir -p "$1/etc/apt/preferences.d" && '
             'cp "$UFFDLAB_PINS" "$1/etc/apt/preferences.d/uffdlab-lock"')
 
 
-def mmdebstrap_env(rec: dict, out: Path, hostkey: Path,
-                   pins: Path | None = None) -> dict[str, str]:
-    """The variables the hooks read, to add to mmdebstrap's environment."""
+def mmdebstrap_env(rec: dict, out: Path, hostkey: Path, pins: Path | None = None,
+                   source_date_epoch: int | None = None) -> dict[str, str]:
+    """The variables the hooks read, to add to mmdebstrap's environment.
+    With `source_date_epoch`, SOURCE_DATE_EPOCH too: mmdebstrap, and the
+    tools it and the hooks run that honour the convention, clamp the
+    timestamps they write to it. It is not part of the recipe: the same
+    recipe built at another epoch installs the same packages."""
     env = {"UFFDLAB_CUSTOMIZE": str(CUSTOMIZE), "UFFDLAB_OUT": str(out),
            "UFFDLAB_HOSTKEY": str(hostkey),
            "UFFDLAB_DISK_SIZE": f'{int(rec["disk_size"]) // (1 << 20)}M'}
     if pins is not None:
         env["UFFDLAB_PINS"] = str(pins)
+    if source_date_epoch is not None:
+        env["SOURCE_DATE_EPOCH"] = str(source_date_epoch)
     return env
 
 
@@ -250,6 +257,12 @@ class ImageStore:
             KernelStore(self.lab, self.listener).build(name, force)
         return img
 
+    def _epoch(self) -> int:
+        """SOURCE_DATE_EPOCH for a build: lab.lock's, else the fixed default
+        (which a lock written by this build then records)."""
+        lock = read_lock(self.lab.source)
+        return lock.build_epoch if lock else DEFAULT_SOURCE_DATE_EPOCH
+
     def _pins(self, name: str) -> dict[str, str] | None:
         """The package versions lab.lock holds for this image, if any."""
         lock = read_lock(self.lab.source)
@@ -288,6 +301,8 @@ class ImageStore:
                                                   python=python_environment())
         if img.name not in lock.images:
             lock.images[img.name] = locked_image(img)
+            # the epoch its builds ran with (a lock from before it records none)
+            lock.source_date_epoch = lock.build_epoch
             lock.save(path)
 
     def _build_locked(self, img: Image, ev: Emitter, pins: dict[str, str] | None,
@@ -309,7 +324,8 @@ class ImageStore:
                 pin_file = scratch / "apt-pins"
                 pin_file.write_text(apt_pins(pins))
             argv = mmdebstrap_argv(rec, pinned=pin_file is not None)
-            env = {**os.environ, **mmdebstrap_env(rec, scratch, hostkey, pin_file)}
+            epoch = self._epoch()
+            env = {**os.environ, **mmdebstrap_env(rec, scratch, hostkey, pin_file, epoch)}
             ev.emit(Kind.BUILDING, f"mmdebstrap {rec['suite']} with {rec['kernel_package']}"
                     + (f", {len(pins)} package versions pinned by lab.lock" if pins else ""))
             self._mmdebstrap(argv, log, ev, env)
@@ -339,6 +355,7 @@ class ImageStore:
                 "content_hash": content_hash(scratch),
                 "pins": _pins_digest(pins) if pins is not None else None,
                 "drift": [str(d) for d in drifted],
+                "source_date_epoch": epoch,
                 "built_at": time.time(),
                 "build_seconds": round(time.monotonic() - started, 1),
             }

@@ -138,6 +138,10 @@ class RunResult:
     tools_digest: str | None = None
     qemu: str | None = None
     rerun_of: str | None = None
+    # the guest's own floors, measured by uffd-bench right after the run in
+    # the same VM (memcpy bandwidth, single-process fault round trip): the
+    # run's figures as ratios to these compare across accels and machines
+    floors: dict | None = None
 
     @property
     def consistent(self) -> bool | None:

@@ -6,7 +6,8 @@ The results database is one SQLite file (the `results` path of `lab.yml`):
 * `runs`: one row per run: provenance (lab, vm, image hash, kernel, accel,
   guest-tools version), the scenario and its parameters (JSON), status,
   duration, exit code, error, and the summary's main metrics as real columns;
-  the full `summary` and `config` records are kept as JSON next to them.
+  the full `summary` and `config` records are kept as JSON next to them,
+  and so are the guest's `floors` (uffd-bench, measured right after the run).
 * `latency_hist` (run_id, bound_us, count): the fault latency histogram.
 * `faults` (run_id, process, faults): snapshot faults per writer process.
 * `mismatches` (run_id, cause, pages): mismatched pages by cause.
@@ -220,22 +221,27 @@ _V3 = [
     "CREATE INDEX IF NOT EXISTS runs_rerun_of ON runs(rerun_of)",
 ]
 
+# v4: the guest's floors measured right after the run (uffd-bench's record,
+# JSON), which the run's figures are compared with.
+_V4 = ["ALTER TABLE runs ADD COLUMN floors TEXT"]
+
 # MIGRATIONS[i] upgrades a database at schema version i to version i + 1.
-MIGRATIONS: list[list[str]] = [_V1, _V2, _V3]
+MIGRATIONS: list[list[str]] = [_V1, _V2, _V3, _V4]
 SCHEMA_VERSION = len(MIGRATIONS)
 
 _RUN_FIELDS = ("run_id", "started", "lab", "vm", "image", "image_key", "kernel", "accel",
                "tools_version", "scenario", "scenario_name", "params", "command", "status",
                "duration_s", "exit_code", "error", "expect_consistent", "consistent",
-               *METRICS, *_V3_FIELDS, "summary", "config")
+               *METRICS, *_V3_FIELDS, "summary", "config", "floors")
 # What runs() returns: everything in `runs` but the bulky JSON records.
-_LIST_FIELDS = tuple(f for f in _RUN_FIELDS if f not in ("summary", "config"))
+_LIST_FIELDS = tuple(f for f in _RUN_FIELDS if f not in ("summary", "config", "floors"))
 _TABLES = ("runs", "latency_hist", "faults", "mismatches", "logs")
 # The `runs` columns a database at schema v1 must have (v2 adds _V2_METRICS,
-# v3 _V3_FIELDS).
+# v3 _V3_FIELDS, v4 floors).
 _V1_COLUMNS = frozenset(f for f in _RUN_FIELDS if f not in _V2_METRICS
-                        and f not in _V3_FIELDS)
-_V2_COLUMNS = frozenset(f for f in _RUN_FIELDS if f not in _V3_FIELDS)
+                        and f not in _V3_FIELDS and f != "floors")
+_V2_COLUMNS = frozenset(f for f in _RUN_FIELDS if f not in _V3_FIELDS and f != "floors")
+_V3_COLUMNS = frozenset(f for f in _RUN_FIELDS if f != "floors")
 
 
 # -- helpers ------------------------------------------------------------------
@@ -307,6 +313,10 @@ def _rows_for(fields: dict[str, Any]) -> tuple[dict, list, list, list, tuple]:
     if not isinstance(params, Mapping):
         raise ValueError(f"params: expected a dict, got {type(params).__name__}")
     summary = summary or None
+    floors = fields.get("floors")
+    if floors is not None and not isinstance(floors, Mapping):
+        raise ValueError(f"floors: expected uffd-bench's record (a dict) or None, got "
+                         f"{type(floors).__name__}")
 
     run = {k: fields.get(k) for k in ("run_id", "lab", "vm", "image", "image_key", "kernel",
                                       "accel", "tools_version", "scenario", "scenario_name",
@@ -316,7 +326,8 @@ def _rows_for(fields: dict[str, Any]) -> tuple[dict, list, list, list, tuple]:
                exit_code=_num(fields.get("exit_code")),
                expect_consistent=_tri(fields.get("expect_consistent")),
                consistent=_tri(summary.get("consistent")) if summary else None,
-               summary=_dumps(summary), config=_dumps(fields.get("config")))
+               summary=_dumps(summary), config=_dumps(fields.get("config")),
+               floors=_dumps(floors or None))
     for col, path in METRICS.items():
         run[col] = _num(_dig(summary, path))
 
@@ -492,7 +503,7 @@ class ResultsDB:
         missing = [t for t in _TABLES if t not in tables]
         columns = {r[1] for r in conn.execute("PRAGMA table_info(runs)")}
         need = (_V1_COLUMNS if version < 2 else _V2_COLUMNS if version < 3
-                else frozenset(_RUN_FIELDS))
+                else _V3_COLUMNS if version < 4 else frozenset(_RUN_FIELDS))
         missing += sorted(f"runs.{c}" for c in need - columns)
         if missing:
             raise self._foreign(f"schema v{version} without {', '.join(missing[:5])}"
@@ -652,7 +663,7 @@ class ResultsDB:
     def _decode(row: sqlite3.Row) -> dict:
         d = dict(row)
         unreadable = {}
-        for k in ("params", "summary", "config"):
+        for k in ("params", "summary", "config", "floors"):
             if k in d:
                 d[k], problem = _decode_json(k, d[k])
                 if problem:
@@ -1304,8 +1315,9 @@ def _tail(text: str, n: int) -> tuple[list[str], int]:
 
 def format_run(run: Mapping[str, Any], notebook: str | os.PathLike | None = None,
                serial_lines: int = SERIAL_TAIL_LINES) -> str:
-    """One run for people (a dict of ResultsDB.get()): what ran where, its
-    verdict and error, the main metrics, where its notebook is (`notebook`,
+    """One run for people (a dict of ResultsDB.get()): what ran where and
+    what reproduces it (image content, tools digest, QEMU, lab.lock, the run
+    it repeats), its verdict and error, the main metrics, where its notebook is (`notebook`,
     None: unknown), and the tails of its stderr and serial console."""
     g = run.get
     rid = g("run_id")
@@ -1326,6 +1338,12 @@ def format_run(run: Mapping[str, Any], notebook: str | os.PathLike | None = None
     item("kernel", f"{g('kernel') or '-'} ({g('accel') or '-'})")
     item("image", f"{g('image') or '-'} (recipe {g('image_key') or '-'}), guest tools "
          f"{g('tools_version') or '-'}, lab {g('lab') or '-'}")
+    # what `uffdlab rerun` holds a repeat to; runs stored before v3 have none
+    item("content", f"image {g('image_content') or '-'}, guest tools digest "
+         f"{g('tools_digest') or '-'}")
+    item("QEMU", g("qemu") or "-")
+    item("lab.lock", g("lock_hash") or "none (no lab.lock when it ran, or not recorded)")
+    item("rerun of", g("rerun_of") or "-")
     params = g("params") or {}
     item("params", " ".join(f"{k}={v}" for k, v in params.items()) or "(defaults)")
     item("command", g("command") or "-")

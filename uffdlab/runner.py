@@ -26,6 +26,9 @@ from .vm import VM
 # Time the guest may need beyond the writers' own duration (verify, teardown;
 # TCG is slow).
 SLACK_SECONDS = 90.0
+# uffd-bench's fault round trips for a run's floors: enough for a steady p50,
+# about a second under TCG.
+FLOOR_ROUND_TRIPS = 1000
 
 
 @dataclass
@@ -52,8 +55,10 @@ def prepare(vm: VM, scenario_key: str, params: dict[str, Any] | None = None,
 
 
 def run(vm: VM, scenario_key: str, params: dict[str, Any] | None = None,
-        timeout: float | None = None, rerun_of: str | None = None) -> RunResult:
-    """Bring the VM up and provision it if needed, then run one scenario."""
+        timeout: float | None = None, rerun_of: str | None = None,
+        floors: bool = False) -> RunResult:
+    """Bring the VM up and provision it if needed, then run one scenario.
+    `floors`: then measure the guest's own floors (see measure_floors)."""
     prep = prepare(vm, scenario_key, params, timeout)
     lock = read_lock(vm.lab.source)          # a broken lab.lock is refused before boot
     vm.up(reuse=True)
@@ -61,7 +66,36 @@ def run(vm: VM, scenario_key: str, params: dict[str, Any] | None = None,
     scenarios.check_against(prep.scenario, prep.params, vm.spec.memory, facts["probe"])
     res = execute(vm, prep, facts)
     res.lock_hash, res.rerun_of = (lock.digest if lock else None), rerun_of
+    if floors and res.status.ran:
+        res.floors = measure_floors(vm, prep.params["size"])
     return res
+
+
+def measure_floors(vm: VM, size: str) -> dict | None:
+    """The guest's own floors, measured now by uffd-bench in the same VM:
+    memcpy bandwidth over `size` (the run's RAM) and the single-process
+    uffd-wp fault round trip. A run's figures as ratios to these compare
+    across accels and machines, as bench/snapshot.py does on the host.
+    None, with an event saying why, when they could not be measured: the
+    run itself stands without them."""
+    argv = [f"{vm.lab.provision.tools_dir}/bin/uffd-bench", "--memcpy-size", str(size),
+            "--round-trips", str(FLOOR_ROUND_TRIPS)]
+    try:
+        out = vm.shared_session().run(shlex.join(argv), timeout=120)
+    except Exception as e:                   # reported; the run stands without floors
+        vm.drop_session()
+        vm.emit(Kind.RUNNING, f"floors not measured: {type(e).__name__}: {e}")
+        return None
+    record = next((r for r in map(_parse, out.stdout.splitlines())
+                   if r and r.get("type") == "bench"), None)
+    if out.exit_status or record is None:
+        why = (out.stderr.strip().splitlines() or ["no bench record"])[-1]
+        vm.emit(Kind.RUNNING, f"floors not measured: uffd-bench exited "
+                              f"{out.exit_status}: {why}")
+        return None
+    vm.emit(Kind.RUNNING, f"floors: memcpy {record.get('memcpy_gb_s')} GB/s, fault round "
+                          f"trip p50 {(record.get('round_trip_us') or {}).get('p50')} us")
+    return record
 
 
 def reproduction(vm: VM) -> dict[str, str | None]:
@@ -165,12 +199,13 @@ def _parse(line: str) -> dict | None:
 
 
 def run_and_store(vm: VM, scenario: str, params: dict[str, Any] | None = None,
-                  timeout: float | None = None, rerun_of: str | None = None) -> RunResult:
+                  timeout: float | None = None, rerun_of: str | None = None,
+                  floors: bool = False) -> RunResult:
     """Run a scenario (booting and provisioning as needed) and store it. A
     database that cannot take the run gets it later: it waits in the spool
     next to the database, and the event says where. `rerun_of` links it to
-    the stored run it repeats."""
-    res = run(vm, scenario, params, timeout, rerun_of)
+    the stored run it repeats; `floors` measures the guest's floors after it."""
+    res = run(vm, scenario, params, timeout, rerun_of, floors)
     outcome = store_run(vm.lab.results_path, res)
     vm.emit(Kind.STORED, "; ".join([outcome.message, *outcome.spool_problems]),
             run_id=res.run_id, stored=outcome.stored,

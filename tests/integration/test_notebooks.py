@@ -66,6 +66,10 @@ def test_snapshot_notebook(lab_path, test_lab, tmp_path, inject, status):
     with ResultsDB(test_lab.results_path) as db:
         row = db.get(res.run_id)
     assert row["status"] == status and row["accel"] in text
+    # the guest's own floors, measured in the same VM after the run, stored
+    # with it and compared with it in the summary
+    assert row["floors"]["memcpy_gb_s"] > 0 and row["floors"]["round_trip_us"]["p50"] > 0
+    assert "guest memcpy (floor)" in text and "snapshot throughput vs guest memcpy" in text
 
 
 def test_onboarding_notebook(lab_path, tmp_path):
@@ -93,6 +97,8 @@ def test_sweep_of_three_points_records_the_failing_one(lab_path, test_lab, tmp_p
     index = SweepIndex.load(res.directory)
     assert [p.status for p in index.points] == [Status.OK, Status.OK, Status.FAILED]
     assert index.points[0].run_id and index.points[2].run_id is None
+    with ResultsDB(test_lab.results_path) as db:          # sweep points skip the floors
+        assert db.get(index.points[0].run_id)["floors"] is None
     assert all((res.directory / p.notebook).exists() for p in index.points)
     assert res.report is not None
     report = json.loads(res.report.read_text())

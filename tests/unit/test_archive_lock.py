@@ -1,5 +1,6 @@
 # SPDX-License-Identifier: MIT
-"""lab.lock, builds that pin and report drift, and image archives.
+"""lab.lock, builds that pin and report drift (and the SOURCE_DATE_EPOCH they
+run with), `lock --check`, and image archives, imported against the lock.
 
 No image is really built: mmdebstrap, ssh-keygen and qemu-img are replaced
 by FakeDebian, which writes what images/customize.sh would into the build's
@@ -23,7 +24,15 @@ import pytest
 
 from uffdlab import cli, images
 from uffdlab import lock as lockmod
-from uffdlab.archive import CARRIED, DESCRIPTOR, FORMAT, MAX_DESCRIPTOR, export_image, import_image
+from uffdlab.archive import (
+    CARRIED,
+    DESCRIPTOR,
+    FORMAT,
+    MAX_DESCRIPTOR,
+    export_image,
+    import_image,
+    lock_mismatches,
+)
 from uffdlab.config import load_lab
 from uffdlab.digest import file_digest
 from uffdlab.events import Event
@@ -216,7 +225,7 @@ def test_lock_text_is_sorted_json_one_package_per_line():
         packages={"zsh": "5.9-8", "bash": "5.2.37-2", "apt": "3.0.3"})})
     text = lock.text()
     assert text.endswith("}\n")
-    assert json.loads(text) == lock.model_dump()
+    assert json.loads(text) == lock.model_dump(exclude_none=True)    # no epoch: no key
     assert text == json.dumps(json.loads(text), indent=1, sort_keys=True) + "\n"
     lines = text.splitlines()
     for pkg, version in lock.images["trixie"].packages.items():
@@ -1111,3 +1120,275 @@ def test_locked_without_a_lock_entry_is_an_error_naming_the_fix(tmp_path, debian
                                          r"\('uffdlab lock' writes one\)"):
         store.build("trixie", locked=True)
     assert not lock_path(path).exists() and not store.image("trixie").built
+
+
+# -- SOURCE_DATE_EPOCH: the builds' timestamps -----------------------------------------
+def test_a_build_without_a_lock_runs_at_the_default_epoch_and_the_lock_records_it(
+        tmp_path, debian, monkeypatch):
+    monkeypatch.setenv("SOURCE_DATE_EPOCH", "5")       # the caller's is not an input
+    path = make_lab(tmp_path)
+    img = store_of(path).build("trixie")
+    (call,) = debian.calls
+    assert call["env"]["SOURCE_DATE_EPOCH"] == str(lockmod.DEFAULT_SOURCE_DATE_EPOCH)
+    assert img.meta["source_date_epoch"] == lockmod.DEFAULT_SOURCE_DATE_EPOCH
+    lock = Lock.load(lock_path(path))
+    assert lock.source_date_epoch == lockmod.DEFAULT_SOURCE_DATE_EPOCH == 1704067200
+    assert '"source_date_epoch": 1704067200' in lock.text()
+
+
+def test_a_build_runs_at_the_locks_epoch_under_the_same_recipe_key(tmp_path, debian):
+    path = make_lab(tmp_path)
+    store = store_of(path)
+    key = store.image("trixie").key
+    lock = write_lock(path, key, dict(NEWEST))
+    lock.source_date_epoch = 1700000000
+    lock.save(lock_path(path))
+    img = store.build("trixie")
+    assert debian.calls[0]["env"]["SOURCE_DATE_EPOCH"] == "1700000000"
+    assert img.meta["source_date_epoch"] == 1700000000
+    assert img.key == key == images.recipe_key(images.recipe(img.spec))   # not in the key
+    assert Lock.load(lock_path(path)) == lock                            # untouched
+    lock.source_date_epoch = 1600000000                 # another epoch: the cache stays
+    lock.save(lock_path(path))
+    assert store.build("trixie").dir == img.dir and len(debian.calls) == 1
+    store.build("trixie", force=True)
+    assert debian.calls[1]["env"]["SOURCE_DATE_EPOCH"] == "1600000000"
+
+
+def test_a_lock_from_before_the_epoch_keeps_its_text_and_digest(tmp_path, debian):
+    """Runs recorded the digest of a lock without source_date_epoch: reading
+    and writing it again changes neither; its builds take the default."""
+    path = make_lab(tmp_path)
+    lock = write_lock(path, store_of(path).image("trixie").key, dict(NEWEST))
+    text = lock_path(path).read_text()
+    assert "source_date_epoch" not in text
+    loaded = Lock.load(lock_path(path))
+    assert loaded.source_date_epoch is None and loaded.text() == text
+    assert loaded.digest == lock.digest
+    assert loaded.build_epoch == lockmod.DEFAULT_SOURCE_DATE_EPOCH
+    store_of(path).build("trixie")
+    assert debian.calls[0]["env"]["SOURCE_DATE_EPOCH"] == "1704067200"
+    assert lock_path(path).read_text() == text          # its image was there: not rewritten
+
+
+def test_a_lock_from_before_the_epoch_gaining_an_image_records_the_default(tmp_path, debian):
+    path = make_lab(tmp_path)
+    lock = write_lock(path, "0" * 16, dict(NEWEST))
+    lock.images["old"] = lock.images.pop("trixie")       # no entry for trixie yet
+    lock.save(lock_path(path))
+    store_of(path).build("trixie")
+    after = Lock.load(lock_path(path))
+    assert set(after.images) == {"old", "trixie"}
+    assert after.source_date_epoch == lockmod.DEFAULT_SOURCE_DATE_EPOCH
+
+
+def test_cli_lock_keeps_the_locks_epoch(tmp_path, debian, capsys):
+    path = make_lab(tmp_path)
+    lock = write_lock(path, store_of(path).image("trixie").key, dict(NEWEST))
+    lock.source_date_epoch = 1700000000
+    lock.save(lock_path(path))
+    assert run_cli(capsys, "--lab", str(path), "lock")[0] == 0
+    assert Lock.load(lock_path(path)).source_date_epoch == 1700000000
+    assert debian.calls[0]["env"]["SOURCE_DATE_EPOCH"] == "1700000000"
+
+
+def test_mmdebstrap_env_sets_source_date_epoch_only_when_given(tmp_path):
+    rec = images.recipe(images.ImageSpec(suite="trixie"))
+    assert "SOURCE_DATE_EPOCH" not in images.mmdebstrap_env(rec, tmp_path, tmp_path / "k")
+    env = images.mmdebstrap_env(rec, tmp_path, tmp_path / "k", None, 0)
+    assert env["SOURCE_DATE_EPOCH"] == "0" and "UFFDLAB_PINS" not in env
+
+
+def test_lock_load_refuses_a_negative_epoch(tmp_path):
+    path = tmp_path / "lab.lock"
+    path.write_text(json.dumps({**sample_lock().model_dump(), "source_date_epoch": -1}))
+    with pytest.raises(LockError) as exc:
+        Lock.load(path)
+    assert str(exc.value) == (f"{path}: source_date_epoch: Input should be greater than or "
+                              f"equal to 0")
+
+
+# -- import against the importer's lab.lock ---------------------------------------------
+def lock_b_at(tmp_path: Path, img: Image, content: str) -> Path:
+    """Lab b, whose lab.lock locks image trixie (img's recipe) at `content`."""
+    b = make_lab(tmp_path, "b")
+    lock = write_lock(b, img.key, dict(img.packages))
+    lock.images["trixie"].content_hash = content
+    lock.save(lock_path(b))
+    return b
+
+
+def test_import_warns_when_the_lock_has_another_content(exported, tmp_path):
+    img, archive = exported
+    b = lock_b_at(tmp_path, img, "0" * 32)
+    events: list[Event] = []
+    desc, dest = import_image(load_lab(b), archive, listener=events.append)
+    assert content_hash(dest) == img.content_hash                 # installed all the same
+    problem = (f"content {img.content_hash}, but lab.lock locks image trixie (recipe "
+               f"{img.key}) at content {'0' * 32}")
+    (warning,) = [e for e in events if "lock_mismatch" in e.data]
+    assert warning.data["lock_mismatch"] == problem
+    assert warning.message == f"warning: {problem}; runs on it are not the locked image's"
+    assert lock_mismatches(load_lab(b), desc) == [problem]
+
+
+def test_import_locked_refuses_another_content_and_installs_nothing(exported, tmp_path):
+    img, archive = exported
+    b = lock_b_at(tmp_path, img, "0" * 32)
+    lab = load_lab(b)
+    with pytest.raises(ImageError) as exc:
+        import_image(lab, archive, locked=True)
+    assert str(exc.value) == (
+        f"{archive}: refused, nothing installed: --locked: content {img.content_hash}, but "
+        f"lab.lock locks image trixie (recipe {img.key}) at content {'0' * 32}")
+    assert names(lab.cache_path / "images") == []
+
+
+def test_import_with_the_locked_content_says_nothing(exported, tmp_path):
+    img, archive = exported
+    b = lock_b_at(tmp_path, img, img.content_hash)
+    events: list[Event] = []
+    desc, dest = import_image(load_lab(b), archive, listener=events.append, locked=True)
+    assert content_hash(dest) == img.content_hash
+    assert not [e for e in events if "lock_mismatch" in e.data]
+
+
+def test_import_ignores_lock_entries_of_other_recipes(exported, tmp_path):
+    """An entry of another recipe is another image: the archive does not boot it."""
+    img, archive = exported
+    b = make_lab(tmp_path, "b")
+    write_lock(b, "f" * 16, dict(NEWEST))                  # content "0"*32, other recipe
+    events: list[Event] = []
+    import_image(load_lab(b), archive, listener=events.append)
+    assert not [e for e in events if "lock_mismatch" in e.data]
+
+
+@pytest.mark.parametrize("with_lock", [False, True])
+def test_import_locked_needs_a_lock_entry_of_the_recipe(exported, tmp_path, with_lock):
+    img, archive = exported
+    b = make_lab(tmp_path, "b")
+    if with_lock:
+        write_lock(b, "f" * 16, dict(NEWEST))
+    lab = load_lab(b)
+    with pytest.raises(ImageError) as exc:
+        import_image(lab, archive, locked=True)
+    assert str(exc.value) == (
+        f"{archive}: refused, nothing installed: --locked, but {lock_path(b)} locks no image "
+        f"of recipe {img.key} ('uffdlab lock' writes one)")
+    assert names(lab.cache_path / "images") == []
+
+
+def test_cli_import_warns_and_locked_refuses(exported, tmp_path, capsys):
+    img, archive = exported
+    b = lock_b_at(tmp_path, img, "0" * 32)
+    problem = (f"content {img.content_hash}, but lab.lock locks image trixie (recipe "
+               f"{img.key}) at content {'0' * 32}")
+    code, out, err = run_cli(capsys, "--lab", str(b), "image", "import", "--locked",
+                             str(archive))
+    assert (code, out) == (1, "")
+    assert err.splitlines()[-1] == (f"uffdlab: ImageError: {archive}: refused, nothing "
+                                    f"installed: --locked: {problem}")
+    assert names(tmp_path / "b" / "cache" / "images") == []
+    code, out, err = run_cli(capsys, "--lab", str(b), "image", "import", str(archive))
+    assert code == 0, err
+    assert out.splitlines()[-1] == (f"warning: {problem}; runs on it are not the locked "
+                                    f"image's ('--locked' refuses such an archive)")
+    assert f"warning: {problem}" in err                # the event, as it happened
+
+
+def test_cli_import_locked_with_the_locked_content(exported, tmp_path, capsys):
+    img, archive = exported
+    b = lock_b_at(tmp_path, img, img.content_hash)
+    code, out, err = run_cli(capsys, "--lab", str(b), "image", "import", "--locked",
+                             str(archive))
+    assert code == 0, err
+    assert "warning" not in out + err
+    assert out.splitlines()[-1] == "lab.yml images that boot it now: trixie"
+
+
+# -- lock --check ------------------------------------------------------------------------
+def test_lock_check_nothing_drifted(tmp_path, debian, capsys):
+    path = make_lab(tmp_path)
+    assert run_cli(capsys, "--lab", str(path), "lock")[0] == 0
+    text = lock_path(path).read_text()
+    lock = Lock.load(lock_path(path))
+    code, out, err = run_cli(capsys, "--lab", str(path), "lock", "--check")
+    assert code == 0, err
+    assert out == (f"{lock_path(path)}: nothing drifted (1 images, guest tools "
+                   f"{lock.guest_tools}, {len(lock.python)} Python distributions; lock "
+                   f"{lock.digest})\n")
+    assert lock_path(path).read_text() == text and len(debian.calls) == 1
+
+
+def test_lock_check_names_what_drifted_and_writes_nothing(tmp_path, debian, capsys):
+    path = make_lab(tmp_path)
+    img = store_of(path).build("trixie")
+    lock = Lock.load(lock_path(path))
+    lock.images["trixie"].packages["bash"] = "5.2.15-2"
+    lock.images["trixie"].content_hash = "0" * 32
+    lock.images["trixie"].kernel_release = "6.12.30+deb13-cloud-amd64"
+    lock.images["gone"] = lock.images["trixie"].model_copy()
+    lock.guest_tools = "fedcba9876543210"
+    lock.python["pydantic"] = "1.0"
+    lock.python["left-behind"] = "0.1"
+    lock.save(lock_path(path))
+    text = lock_path(path).read_text()
+    code, out, err = run_cli(capsys, "--lab", str(path), "lock", "--check")
+    assert code == 1, err
+    have = importlib.metadata.version("pydantic")
+    lines = [
+        "image gone: locked, but the lab file has no such image",
+        "image trixie: kernel: locked 6.12.30+deb13-cloud-amd64, built " + KERNEL,
+        f"image trixie: content: locked {'0' * 32}, built {img.content_hash} (another build)",
+        "image trixie: package bash: 5.2.15-2 -> 5.2.37-2",
+        f"guest tools: locked fedcba9876543210, now {tools_digest()}",
+        "python: left-behind: locked 0.1, not installed now",
+        f"python: pydantic: 1.0 -> {have}",
+    ]
+    assert out.splitlines() == [f"{lock_path(path)}: {len(lines)} differences from what is "
+                                f"here now:", *(f"  {line}" for line in lines)]
+    assert lock_path(path).read_text() == text and len(debian.calls) == 1
+
+
+def test_lock_check_an_image_not_built_or_of_another_recipe(tmp_path, debian, capsys):
+    path = make_lab(tmp_path)
+    key = store_of(path).image("trixie").key
+    write_lock(path, key, dict(NEWEST))
+    code, out, _ = run_cli(capsys, "--lab", str(path), "lock", "--check")
+    assert code == 1
+    assert ("  image trixie: not built, nothing to compare ('uffdlab image build --locked "
+            "trixie')") in out.splitlines()
+    assert debian.calls == []                           # --check builds nothing
+    write_lock(path, "f" * 16, dict(NEWEST))
+    code, out, _ = run_cli(capsys, "--lab", str(path), "lock", "--check")
+    assert code == 1
+    assert (f"  image trixie: recipe {key}, the lock's is {'f' * 16} (its entry under "
+            f"'images' changed)") in out.splitlines()
+
+
+def test_lock_check_without_a_lock(tmp_path, capsys):
+    path = make_lab(tmp_path)
+    code, out, err = run_cli(capsys, "--lab", str(path), "lock", "--check")
+    assert (code, out) == (2, "")
+    assert err == (f"uffdlab: lock --check: expected a lock at {lock_path(path)}, found none "
+                   f"('uffdlab lock' writes one)\n")
+    assert not lock_path(path).exists()
+
+
+def test_check_compares_every_part_of_the_lock():
+    lock = sample_lock()
+    now = lock.images["trixie"].model_copy(deep=True)
+    env = dict(lock.python)
+    same = lockmod.check(lock, {"trixie": now.recipe_key}, {"trixie": now}, lock.guest_tools,
+                         env)
+    assert same == []
+    now.packages = {**now.packages, "strace": "6.13"}
+    del now.packages["bash"]
+    got = lockmod.check(lock, {"trixie": now.recipe_key, "new": "1" * 16}, {"trixie": now},
+                        lock.guest_tools, {**env, "numpy": "2.1"})
+    assert got == ["image new: not in the lock ('uffdlab lock' adds it)",
+                   "image trixie: package bash: locked 5.2.37-2, not installed now",
+                   "image trixie: package strace: not locked, built 6.13",
+                   "python: numpy: not locked, installed 2.1"]
+    empty = Lock()
+    assert lockmod.check(empty, {}, {}, "abc", {}) == ["guest tools: locked (none), now abc"]

@@ -10,7 +10,7 @@ import io
 import pandas as pd
 import pytest
 
-from tests.unit.test_results import SUMMARY_S5, make_result
+from tests.unit.test_results import FLOORS, SUMMARY_S3, SUMMARY_S5, make_result
 from uffdlab import report, scenarios
 from uffdlab.events import Event
 from uffdlab.model import Kind
@@ -140,6 +140,32 @@ def test_summary_table_figures(stored):
     assert failed.loc["error", "value"].startswith("timed out after 100 s")
 
 
+def test_summary_compares_the_run_with_its_guests_floors(tmp_path):
+    """With floors, the summary's last rows are bench/snapshot.py's ratios
+    for this run; stored and read back, they are the same."""
+    run = s3(floors=FLOORS)
+    with ResultsDB(tmp_path / "r.sqlite") as db:
+        db.store(run)
+        stored = db.get("r1")
+    for source in (run, stored):
+        t = report.summary_table(source)
+        assert t.loc["guest memcpy (floor)", ["value", "unit"]].tolist() == ["0.45", "GB/s"]
+        # 256 MiB in 412.733 ms is 0.650 GB/s, over 0.45 GB/s
+        assert t.loc["snapshot throughput vs guest memcpy", "value"] == "1.45"
+        assert t.loc["fault p50 vs guest round trip", "value"] == "1.94"   # 215.871 / 111
+        assert "paused copy vs guest memcpy" not in t.index      # stop-the-world only
+    assert report.floor_rows(s3()) == []
+    assert "guest memcpy (floor)" not in report.summary_table(s3()).index
+
+
+def test_floor_rows_of_a_stop_the_world_run_have_the_paused_copy():
+    stw = dict(SUMMARY_S3, strategy="stop-the-world", faults_total=0, copy_ms=268.435456)
+    rows = {label: (v, unit) for label, v, unit in
+            report.floor_rows(make_result("w", "S1", summary=stw, floors=FLOORS))}
+    assert rows["paused copy vs guest memcpy"] == (round(1.0 / 0.45, 3), "x memcpy")
+    assert "fault p50 vs guest round trip" not in rows          # no faults to compare
+
+
 def test_provenance():
     t = report.provenance(s3())
     assert t.loc["run id", "value"] == "r1"
@@ -147,6 +173,16 @@ def test_provenance():
     assert t.loc["accel", "value"] == "tcg"
     assert t.loc["command", "value"].startswith("/opt/uffdlab/bin/uffd-snapshot")
     assert t.loc["started", "value"].startswith("2025-06-")
+    # what a rerun is held to; a run without them says so, not blank
+    assert t.loc["lab.lock", "value"] == "none ('uffdlab lock' writes one)"
+    assert [t.loc[k, "value"] for k in ("image content", "guest tools digest", "QEMU",
+                                        "rerun of")] == ["–"] * 4
+    again = report.provenance(s3("r9", lock_hash="0123abcd", image_content="c0ffee+k1",
+                                 tools_digest="t00l", qemu="QEMU emulator version 7.2.0",
+                                 rerun_of="r1"))
+    assert [again.loc[k, "value"] for k in ("lab.lock", "image content", "guest tools digest",
+                                            "QEMU", "rerun of")] == [
+        "0123abcd", "c0ffee+k1", "t00l", "QEMU emulator version 7.2.0", "r1"]
 
 
 def test_verdicts(stored):

@@ -123,7 +123,7 @@ def test_creates_parents_wal_and_schema_version(db, db_path):
     assert db_path.is_file()
     c = raw(db_path)
     assert c.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
-    assert c.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION == 3
+    assert c.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION == 4
     tables = {r[0] for r in c.execute("SELECT name FROM sqlite_master WHERE type='table'")}
     assert {"runs", "latency_hist", "faults", "mismatches", "logs"} <= tables
     assert db.schema_version == SCHEMA_VERSION
@@ -453,7 +453,7 @@ def test_a_v2_database_gains_what_reproduces_a_run(tmp_path, monkeypatch):
     assert raw(old).execute("PRAGMA user_version").fetchone()[0] == 2
     monkeypatch.undo()
     with ResultsDB(old) as db:
-        assert db.schema_version == 3
+        assert db.schema_version == SCHEMA_VERSION
         assert db.get("oldrun")["lock_hash"] is None
         db.store(make_result("again", lock_hash="0123abcd", image_content="c0ffee+k1",
                              tools_digest="t00l", qemu="7.2.0", rerun_of="oldrun"))
@@ -461,6 +461,49 @@ def test_a_v2_database_gains_what_reproduces_a_run(tmp_path, monkeypatch):
         assert (got["lock_hash"], got["image_content"], got["tools_digest"], got["qemu"],
                 got["rerun_of"]) == ("0123abcd", "c0ffee+k1", "t00l", "7.2.0", "oldrun")
         assert [r["run_id"] for r in db.runs() if r["rerun_of"] == "oldrun"] == ["again"]
+
+
+FLOORS = {"type": "bench", "tool": "uffd-bench", "memcpy_bytes": 33554432,
+          "memcpy_gb_s": 0.45, "round_trip_us": {"count": 1000, "p50": 111.0}}
+
+
+def test_a_v3_database_gains_the_floors_column(tmp_path, monkeypatch):
+    """v4 keeps the guest's floors (uffd-bench's record) with each run; a run
+    stored before reads them as None."""
+    old = tmp_path / "old.sqlite"
+    make_v1(old)
+    monkeypatch.setattr(results, "MIGRATIONS", results.MIGRATIONS[:3])
+    monkeypatch.setattr(results, "SCHEMA_VERSION", 3)
+    ResultsDB(old).close()
+    assert "floors" not in dict(columns(old))
+    monkeypatch.undo()
+    with ResultsDB(old) as db:
+        assert db.schema_version == 4
+        assert db.get("oldrun")["floors"] is None
+        db.store(make_result("measured", floors=FLOORS))
+        assert db.get("measured")["floors"] == FLOORS
+        assert "floors" not in db.runs()[0]          # listings leave the JSON records out
+
+
+def test_floors_that_are_not_a_record_are_refused(db):
+    with pytest.raises(ValueError, match="floors: expected uffd-bench's record .* got list"):
+        db.store(make_result("bad", floors=[1, 2]))
+    assert db.runs() == []
+
+
+def test_a_v3_database_missing_a_v3_column_is_foreign(tmp_path, monkeypatch):
+    p = tmp_path / "odd.sqlite"
+    make_v1(p)
+    monkeypatch.setattr(results, "MIGRATIONS", results.MIGRATIONS[:3])
+    monkeypatch.setattr(results, "SCHEMA_VERSION", 3)
+    ResultsDB(p).close()
+    c = raw(p)
+    c.execute("ALTER TABLE runs DROP COLUMN qemu")
+    c.commit()
+    c.close()
+    monkeypatch.undo()
+    with pytest.raises(ResultsError, match="schema v3 without runs.qemu"):
+        ResultsDB(p)
 
 
 def test_failed_upgrade_leaves_v1_untouched(tmp_path, monkeypatch):

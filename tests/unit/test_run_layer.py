@@ -11,7 +11,7 @@ import pytest
 from uffdlab import scenarios
 from uffdlab.model import RunResult
 from uffdlab.provision import _EventCollector
-from uffdlab.runner import _finish
+from uffdlab.runner import _finish, measure_floors
 from uffdlab.scenarios import ScenarioError
 from uffdlab.tools import sources_tarball
 
@@ -201,3 +201,54 @@ def test_one_judgement_behind_every_verdict_text(status, consistent, expect, jud
     if flagged:                       # each renderer marks an unexpected verdict
         assert flagged[0] in results.verdict(run)
         assert flagged[1] in report.verdict(run)
+
+
+# -- the guest's floors after a run (the SSH session below is faked) ----------
+
+class _Out:
+    def __init__(self, stdout="", exit_status=0, stderr=""):
+        self.stdout, self.exit_status, self.stderr = stdout, exit_status, stderr
+
+
+class _FloorVM(FakeVM):
+    """A VM whose shared session answers uffd-bench with `answer` (an _Out, or
+    an exception to raise)."""
+
+    def __init__(self, answer):
+        super().__init__()
+        self.answer, self.commands, self.dropped = answer, [], False
+        self.lab = type("Lab", (), {"provision": type("P", (), {"tools_dir": "/opt/t"})()})()
+
+    def shared_session(self):
+        return self
+
+    def run(self, command, timeout=None):
+        self.commands.append(command)
+        if isinstance(self.answer, Exception):
+            raise self.answer
+        return self.answer
+
+    def drop_session(self):
+        self.dropped = True
+
+
+def test_floors_are_uffd_benchs_record_over_the_runs_size():
+    record = {"type": "bench", "memcpy_gb_s": 0.45, "round_trip_us": {"p50": 111.0}}
+    vm = _FloorVM(_Out("noise\n" + json.dumps(record) + "\n"))
+    assert measure_floors(vm, "64M") == record
+    assert vm.commands == ["/opt/t/bin/uffd-bench --memcpy-size 64M --round-trips 1000"]
+    assert "floors: memcpy 0.45 GB/s, fault round trip p50 111.0 us" in vm.events[-1][1]
+
+
+@pytest.mark.parametrize("answer, said", [
+    (_Out("", 2, "uffd-bench: --memcpy-size: got '512K', expected a size >= 1M\n"),
+     "uffd-bench exited 2: uffd-bench: --memcpy-size: got '512K'"),
+    (_Out('{"type": "summary"}\n'), "uffd-bench exited 0: no bench record"),
+    (TimeoutError("no answer in 120 s"), "TimeoutError: no answer in 120 s"),
+])
+def test_floors_that_cannot_be_measured_are_none_and_said(answer, said):
+    vm = _FloorVM(answer)
+    assert measure_floors(vm, "512K") is None
+    assert vm.events[-1][1].startswith("floors not measured: ")
+    assert said in vm.events[-1][1]
+    assert vm.dropped == isinstance(answer, Exception)     # a broken session is not reused

@@ -165,10 +165,11 @@ HELP: dict[str, tuple[str, str]] = {
         "git bisect run uffdlab run S3 --image mine --bisect"),
     "rerun": (
         "Run a stored run again as it was: its scenario, parameters and VM shape, in a fresh "
-        "VM, with the same image content, kernel build, guest tools and QEMU (it refuses "
-        "to start when any of them changed since). The repeats are stored linked to the "
-        "original. It prints whether the verdict is the same and whether each metric of "
-        "the original lies within the spread of the repeats. Exit status: 0 same verdict, "
+        "VM, with the same image content, kernel build, guest tools, QEMU and accelerator "
+        "(it refuses to start when any of them changed since). The repeats (3 by default) "
+        "are stored linked to the original. It prints whether the verdict is the same and "
+        "whether each metric of the original lies within the spread of the repeats. "
+        "Exit status: 0 same verdict, "
         "1 a repeat failed, 2 bad input, 3 a different verdict.",
         "uffdlab rerun 3f2a9c\nuffdlab rerun 3f2a9c --times 5"),
     "results": (

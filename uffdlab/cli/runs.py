@@ -516,19 +516,25 @@ def cmd_results(args) -> int:
 
 
 def _times_arg(text: str) -> int:
+    """--times N (argparse names the flag)."""
     try:
         n = int(text)
     except ValueError:
-        raise argparse.ArgumentTypeError(f"--times: expected a whole number of repeats, "
+        raise argparse.ArgumentTypeError(f"expected a whole number of repeats, "
                                          f"got {text!r}") from None
     if not 1 <= n <= 100:
-        raise argparse.ArgumentTypeError(f"--times: expected 1 to 100 repeats, got {text!r}")
+        raise argparse.ArgumentTypeError(f"expected 1 to 100 repeats, got {text!r}")
     return n
 
 
 def cmd_rerun(args) -> int:
     from ..rerun import rerun
-    cmp = rerun(lab_of(args), args.run_id, args.times, Renderer())
+    from ..results import NoResultsDatabaseError, RunNotFoundError
+    try:
+        cmp = rerun(lab_of(args), args.run_id, args.times, Renderer())
+    except (RunNotFoundError, NoResultsDatabaseError) as e:    # RUN_ID to change: bad input
+        print(f"uffdlab: rerun: {e}", file=sys.stderr)
+        return EXIT_CONFIG
     rows = cmp.table().reset_index().values.tolist()
     table(["metric", "original", "repeats", "spread", "original within"],
           [["–" if v is None or v != v else v for v in row] for row in rows])
@@ -542,8 +548,9 @@ def cmd_rerun(args) -> int:
 def register(sub) -> None:
     rr = sub.add_parser("rerun", help="run a stored run again, as it was, and compare")
     rr.add_argument("run_id", metavar="RUN_ID")
-    rr.add_argument("--times", type=_times_arg, default=1,
-                    help="repeats (default 1; 3 or more give a spread to compare with)")
+    rr.add_argument("--times", type=_times_arg, default=3, metavar="N",
+                    help="repeats, 1 to 100 (default 3); the spread the original is held "
+                    "against needs at least 2")
     rr.set_defaults(func=cmd_rerun)
 
     p = sub.add_parser("provision", help="provision a VM with Ansible (boots it if needed)")

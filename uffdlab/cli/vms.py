@@ -10,7 +10,7 @@ import time
 from pathlib import Path
 
 from ..config import ConfigError
-from .common import EXIT_FAIL, EXIT_OK, Renderer, lab_of, table
+from .common import EXIT_CONFIG, EXIT_FAIL, EXIT_OK, Renderer, lab_of, table
 
 
 # -- image ----------------------------------------------------------------
@@ -44,10 +44,11 @@ def cmd_image_export(args) -> int:
 
 
 def cmd_image_import(args) -> int:
-    from ..archive import import_image
+    from ..archive import import_image, lock_mismatches
     from ..images import ImageStore
     lab = lab_of(args)
-    desc, dest = import_image(lab, Path(args.file), force=args.force, listener=Renderer())
+    desc, dest = import_image(lab, Path(args.file), force=args.force, listener=Renderer(),
+                              locked=args.locked)
     store = ImageStore(lab)
     users = [n for n in lab.images if store.image(n).key == desc["key"]]
     print(f"imported {desc['name']} ({desc['suite']}, kernel {desc['kernel_release']}, "
@@ -57,16 +58,24 @@ def cmd_image_import(args) -> int:
     else:
         print(f"no image of {lab.source.name} has its recipe yet; add the exporter's entry "
               f"(suite {desc['suite']}) under 'images', named as you like")
+    for problem in lock_mismatches(lab, desc):       # only without --locked: it refuses
+        print(f"warning: {problem}; runs on it are not the locked image's ('--locked' "
+              f"refuses such an archive)")
     return EXIT_OK
 
 
 def cmd_lock(args) -> int:
     from ..images import ImageStore, locked_image
-    from ..lock import Lock, lock_path, python_environment
+    from ..lock import Lock, lock_path, python_environment, read_lock
     from ..tools import tools_digest
     lab = lab_of(args)
+    if args.check:
+        return _check_lock(lab)
     store = ImageStore(lab, Renderer())
-    lock = Lock(guest_tools=tools_digest(), python=python_environment())
+    old = read_lock(lab.source)
+    # the images were built with the old lock's epoch: keep recording it
+    lock = Lock(guest_tools=tools_digest(), python=python_environment(),
+                source_date_epoch=(old or Lock()).build_epoch)
     for name in lab.images:
         lock.images[name] = locked_image(store.build(name))
     path = lock.save(lock_path(lab.source))
@@ -74,6 +83,34 @@ def cmd_lock(args) -> int:
           f"{sum(len(i.packages) for i in lock.images.values())} package versions, "
           f"{len(lock.python)} Python distributions; lock {lock.digest}")
     return EXIT_OK
+
+
+def _check_lock(lab) -> int:
+    """lock --check: lab.lock against the built images, the guest tools and
+    this Python; builds nothing and writes nothing."""
+    from ..images import ImageStore, locked_image
+    from ..lock import check, lock_path, python_environment, read_lock
+    from ..tools import tools_digest
+    lock = read_lock(lab.source)
+    path = lock_path(lab.source)
+    if lock is None:
+        print(f"uffdlab: lock --check: expected a lock at {path}, found none ('uffdlab lock' "
+              f"writes one)", file=sys.stderr)
+        return EXIT_CONFIG
+    store = ImageStore(lab)
+    images = {name: store.image(name) for name in lab.images}
+    differences = check(lock, {n: img.key for n, img in images.items()},
+                        {n: locked_image(img) for n, img in images.items() if img.built},
+                        tools_digest(), python_environment())
+    if not differences:
+        print(f"{path}: nothing drifted ({len(lock.images)} images, guest tools "
+              f"{lock.guest_tools}, {len(lock.python)} Python distributions; lock "
+              f"{lock.digest})")
+        return EXIT_OK
+    print(f"{path}: {len(differences)} differences from what is here now:")
+    for d in differences:
+        print(f"  {d}")
+    return EXIT_FAIL
 
 
 def cmd_image_list(args) -> int:
@@ -218,8 +255,10 @@ def cmd_template_build(args) -> int:
     finally:
         if started:
             vm.down()
-    if tmpl is None:
-        print(f"{vm.name}: templates are off in {vm.lab.source.name} (templates: false)")
+    if tmpl is None:                  # off, or not saved (the event above said why)
+        print(f"{vm.name}: no template saved"
+              + ("" if vm.lab.templates else
+                 f": templates are off in {vm.lab.source.name} (templates: false)"))
         return EXIT_FAIL
     print(f"{vm.name}: template {tmpl.key} in {tmpl.dir}")
     return EXIT_OK
@@ -294,9 +333,15 @@ def register(sub) -> None:
     im.add_argument("file", metavar="FILE")
     im.add_argument("--force", action="store_true",
                     help="replace another build of the same recipe in the cache")
+    im.add_argument("--locked", action="store_true",
+                    help="refuse an image whose content is not the one lab.lock locks for "
+                    "its recipe (without: a warning)")
     im.set_defaults(func=cmd_image_import)
-    sub.add_parser("lock", help="write lab.lock: package versions, tools, Python").set_defaults(
-        func=cmd_lock)
+    lk = sub.add_parser("lock", help="write lab.lock: package versions, tools, Python")
+    lk.add_argument("--check", action="store_true",
+                    help="write nothing: compare lab.lock with the built images, the guest "
+                    "tools and this Python; exit 1 and name what drifted")
+    lk.set_defaults(func=cmd_lock)
     isub.add_parser("list", help="images with suite, kernel, size, hash").set_defaults(
         func=cmd_image_list)
 

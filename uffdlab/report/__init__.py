@@ -24,6 +24,7 @@ from .tables import (
     explain_stw_vs_wp,
     failure_text,
     feature_table,
+    floor_rows,
     provenance,
     runs_table,
     summary_table,
@@ -31,8 +32,8 @@ from .tables import (
     verdicts_table,
 )
 
-__all__ = ["NotebookProgress", "feature_table", "summary_table", "provenance", "verdict",
-           "failure_text", "plot_latency_cdf", "plot_stall_vs_duration", "plot_rerun",
+__all__ = ["NotebookProgress", "feature_table", "summary_table", "floor_rows", "provenance",
+           "verdict", "failure_text", "plot_latency_cdf", "plot_stall_vs_duration", "plot_rerun",
            "plot_throughput", "plot_sweep", "runs_table", "FEATURE_NOTES", "subset",
            "RunView", "as_run", "as_runs", "sweep_table", "sweep_notes", "sweep_groups",
            "verdicts_table", "explain_stw_vs_wp"]

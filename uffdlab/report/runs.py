@@ -54,6 +54,7 @@ class RunView:
     mismatches_by_cause: Mapping[str, int] | None = None
     stderr: str | None = None
     serial_log: str | None = None
+    floors: Mapping[str, Any] = field(default_factory=dict)  # uffd-bench after the run
 
     def metric(self, column: str) -> Any:
         """A summary metric by its results column name (see results.METRICS):
@@ -196,7 +197,8 @@ def _view(record: Mapping[str, Any], latency: Iterable | None = None,
         faults_per_process=None if fpp is None else tuple(int(n) for n in fpp),
         mismatches_by_cause=None if mbc is None else {str(k): int(n)
                                                        for k, n in dict(mbc).items()},
-        stderr=r.get("stderr"), serial_log=r.get("serial_log"))
+        stderr=r.get("stderr"), serial_log=r.get("serial_log"),
+        floors=_json_object(r.get("floors")) or {})
 
 
 def _from_frames(frames: Frames) -> list[RunView]:

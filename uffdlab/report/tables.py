@@ -175,9 +175,45 @@ def summary_table(result: Any) -> pd.DataFrame:
         if unit == "MiB" and isinstance(v, (int, float)):
             v = v / 2**20
         rows.append({"metric": label, "value": format_value(v), "unit": unit})
+    rows += [{"metric": label, "value": format_value(v), "unit": unit}
+             for label, v, unit in floor_rows(run)]
     if run.error:
         rows.append({"metric": "error", "value": str(run.error), "unit": ""})
     return pd.DataFrame(rows).set_index("metric")
+
+
+def floor_rows(result: Any) -> list[tuple[str, float, str]]:
+    """The run against its guest's own floors (uffd-bench right after the
+    run, in the same VM), as bench/snapshot.py compares on the host: the
+    snapshot's throughput and, for stop-the-world, its paused copy over
+    memcpy; the p50 fault-to-resolve over the single-process round trip.
+    Ratios, so TCG and KVM runs read alike. [] without floors."""
+    run = as_run(result)
+    fl = run.floors or {}
+    memcpy = fl.get("memcpy_gb_s")
+    rt = (fl.get("round_trip_us") or {}).get("p50")
+    if not memcpy and not rt:
+        return []
+    rows: list[tuple[str, float, str]] = []
+    size = _value(run, "bytes")
+
+    def gb_s(ms: Any) -> float | None:      # bytes per ns == GB/s
+        return size / (ms * 1e6) if isinstance(size, (int, float)) and ms else None
+
+    if memcpy:
+        rows.append(("guest memcpy (floor)", memcpy, "GB/s"))
+        for label, ms in (("snapshot throughput", run.metric("snapshot_ms")),
+                          ("paused copy" if run.setting("strategy") == "stop-the-world"
+                           else None, run.metric("copy_ms"))):
+            if label and gb_s(ms) is not None:
+                rows.append((f"{label} vs guest memcpy", round(gb_s(ms) / memcpy, 3),
+                             "x memcpy"))
+    p50 = run.metric("lat_p50_us")
+    if rt:
+        rows.append(("guest fault round trip p50 (floor)", rt, "us"))
+        if p50 and (run.metric("faults_total") or 0) > 0:
+            rows.append(("fault p50 vs guest round trip", round(p50 / rt, 2), "x round trip"))
+    return rows
 
 
 def provenance(result: Any) -> pd.DataFrame:
