@@ -67,6 +67,7 @@ struct coord {
 	_Atomic int phase;
 	_Atomic bool copying;       /* the bulk copy has started: the handler may copy ahead */
 	uint64_t *written_at_instant;   /* !prefill: bitmap copied at the instant */
+	_Atomic uint64_t *pre_punch;    /* --punch-hole: pages copied before the punch began */
 
 	pthread_t handler;
 	bool handler_running;

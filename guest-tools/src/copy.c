@@ -9,6 +9,7 @@
 #include <emmintrin.h>
 #endif
 #include <sched.h>
+#include <stdatomic.h>
 #include <string.h>
 
 #define SPINS_BEFORE_YIELD 256   /* then yield: the holder may need this CPU */
@@ -109,10 +110,31 @@ static void wait_copied(struct coord *c, uint64_t p)
 	}
 }
 
+/*
+ * --punch-hole: remember the pages copied before writer 0 began punching.
+ * The punch may drop a punched page's uffd-wp protection in every process
+ * (the kernel drops the PTE markers of a page that is mapped anywhere when
+ * truncation reaches it), so a punched page copied after that may hold
+ * writes no fault announced: the verifier blames those on the punch, and
+ * only on pages not recorded here (stamp.h, struct verify_in).  The flag
+ * is read after the copy's loads: if it is still clear, the punch, which
+ * the writer starts only after setting it, had not changed these pages.
+ */
+static void note_pre_punch(struct coord *c, uint64_t first, uint64_t n)
+{
+	atomic_thread_fence(memory_order_seq_cst);
+	if (atomic_load(&c->ctl->slot[0].punch_started))
+		return;
+	for (uint64_t p = first; p < first + n; p++)
+		atomic_fetch_or(&c->pre_punch[p / 64], 1ULL << (p % 64));
+}
+
 /* Copy a run of pages this thread claimed, then publish them. */
 static void copy_run_claimed(struct coord *c, uint64_t first, uint64_t n)
 {
 	copy_pages(c, first, n);
+	if (c->pre_punch)
+		note_pre_punch(c, first, n);
 	for (uint64_t r = first; r < first + n; r++)
 		atomic_store_explicit(&c->pstate[r], PAGE_COPIED, memory_order_release);
 	atomic_fetch_add(&c->copied, n);

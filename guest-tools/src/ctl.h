@@ -37,6 +37,7 @@ struct slot {
 	_Atomic uint64_t op_start_ns;      /* start of the write in progress */
 	_Atomic int32_t pid, tid;
 	_Atomic uint32_t inject_done;      /* one-shot injection (punch, zap) finished */
+	_Atomic uint32_t punch_started;    /* --punch-hole: set just before fallocate() */
 	/* final statistics, valid once state is DONE */
 	uint64_t stall_max_ns, stall_total_ns, stall_count;
 	uint64_t pause_max_ns, pause_total_ns;

@@ -38,6 +38,7 @@ static void verify(struct coord *c, struct verify_out *v)
 		.staggered = o->strategy == ST_WP_STAGGERED,
 		.punch_first = c->ctl->slot[0].punch_first,
 		.punch_pages = c->ctl->slot[0].punch_pages,
+		.pre_punch = (const uint64_t *)c->pre_punch,
 	};
 	uint64_t t0;
 

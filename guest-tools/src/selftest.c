@@ -192,6 +192,7 @@ static void test_verifier(bool copy_mode)
 				.npages = NP, .prefilled = true, .arm_epoch = 1,
 				.roles = roles, .nroles = 3, .punch_first = 20, .punch_pages = 4 };
 	struct verify_out out;
+	uint64_t pre_punch[1] = { 1ULL << 22 };
 
 	for (uint64_t p = 0; p < NP; p++)
 		page_prefill(ram + p * PS, PS, p);
@@ -228,6 +229,20 @@ static void test_verifier(bool copy_mode)
 	verify_snapshot(&in, &out);
 	CHECK(out.by_cause[CAUSE_STAGGERED] == 1 && out.by_cause[CAUSE_WP_MISSED] == 0);
 	in.staggered = false;
+
+	/* a punched page copied after the punch, written unseen since (the
+	 * punch dropped its marker): the punch's doing, not a missed fault */
+	memset(snap + 22 * PS, 0, PS);
+	write_stamp(snap, 22, 0, HOW_STORE, 1);
+	verify_snapshot(&in, &out);
+	CHECK(out.mismatched == 10 && out.by_cause[CAUSE_PUNCH_HOLE] == 2 &&
+	      out.by_cause[CAUSE_WP_MISSED] == 1);
+	/* the same content in a page copied before the punch began: a miss */
+	in.pre_punch = pre_punch;
+	verify_snapshot(&in, &out);
+	CHECK(out.mismatched == 10 && out.by_cause[CAUSE_PUNCH_HOLE] == 1 &&
+	      out.by_cause[CAUSE_WP_MISSED] == 2);
+	in.pre_punch = NULL;
 
 	/* --corrupt-snapshot on a clean copy: exactly N invalid pages */
 	memcpy(snap, ram, NP * PS);

@@ -103,6 +103,8 @@ static void make_buffers(struct coord *c)
 	c->scan_bits = xcalloc(words, sizeof(uint64_t));
 	if (!c->o->prefill)
 		c->written_at_instant = xcalloc(words, sizeof(uint64_t));
+	if (c->o->punch_hole)
+		c->pre_punch = xcalloc(words, sizeof(uint64_t));
 }
 
 void setup_memory(struct coord *c)
@@ -339,5 +341,6 @@ void setup_free(struct coord *c)
 	free((void *)c->pstate);
 	free(c->scan_bits);
 	free(c->written_at_instant);
+	free((void *)c->pre_punch);
 	free(c);
 }

@@ -95,6 +95,12 @@ static bool in_punch(const struct verify_in *in, uint64_t p)
 	       p < in->punch_first + in->punch_pages;
 }
 
+/* A punched page whose copy may have been taken once the punch began. */
+static bool copied_after_punch(const struct verify_in *in, uint64_t p)
+{
+	return in_punch(in, p) && !(in->pre_punch && (in->pre_punch[p / 64] >> (p % 64) & 1));
+}
+
 static bool written_at_instant(const struct verify_in *in, uint64_t p)
 {
 	if (in->prefilled)
@@ -112,8 +118,12 @@ static int check_word(const struct verify_in *in, uint64_t p, size_t i, uint64_t
 		return -1;
 	if (i >= STAMP_SLOTS || !stamp_decode(w, p, (unsigned)i, &s))
 		return in_punch(in, p) ? CAUSE_PUNCH_HOLE : CAUSE_INVALID;
-	if (s.epoch >= in->arm_epoch)
-		return cause_of_stamp(in, (unsigned)i, s.how);
+	if (s.epoch >= in->arm_epoch) {
+		int c = (int)cause_of_stamp(in, (unsigned)i, s.how);
+
+		/* written after the punch dropped the page's protection */
+		return c == CAUSE_WP_MISSED && copied_after_punch(in, p) ? CAUSE_PUNCH_HOLE : c;
+	}
 	if (!written_at_instant(in, p))
 		return CAUSE_INVALID;     /* a pre-instant stamp where nothing was written */
 	return -1;

@@ -56,7 +56,7 @@ enum cause {
 	CAUSE_FORK_CHILD,     /* written by a fork child (no EVENT_FORK) */
 	CAUSE_FD_WRITE,       /* pwrite on the fd: never seen by uffd-wp */
 	CAUSE_KERNEL_WRITE,   /* read(2)/process_vm_writev into the mapping */
-	CAUSE_PUNCH_HOLE,     /* fallocate(PUNCH_HOLE) zeroed it */
+	CAUSE_PUNCH_HOLE,     /* fallocate(PUNCH_HOLE) zeroed it (or dropped its protection: below) */
 	CAUSE_ZEROED,         /* zero page where content was expected (zap on anon, ...) */
 	CAUSE_INVALID,        /* corrupted content: no writer wrote this */
 	CAUSE_STALE,          /* older than the instant (iterative copy missed a write) */
@@ -77,7 +77,17 @@ struct verify_in {
 	const uint8_t *roles;       /* enum role by participant id (= slot) */
 	unsigned nroles;
 	bool staggered;             /* registered writers were armed one by one */
+	/*
+	 * The punched range, and the pages of it copied before the punch began
+	 * (bitmap; NULL: none).  Truncation drops the uffd-wp marker of a
+	 * punched page in every process when the page is mapped anywhere at
+	 * that moment (ZAP_FLAG_DROP_MARKER: by design, not a lost fault), so
+	 * a registered writer's later write to it may land unannounced.  A
+	 * punched page copied after the punch began is then punch-hole, also
+	 * when it holds such a write; one copied before is judged as any page.
+	 */
 	uint64_t punch_first, punch_pages;
+	const uint64_t *pre_punch;
 };
 
 struct verify_out {

@@ -217,6 +217,9 @@ static void inject_punch(struct wctx *w)
 
 	s->punch_first = first;
 	s->punch_pages = n;
+	/* before the punch changes anything: the coordinator's copies that
+	 * still see 0 here after copying read the pages as they were */
+	atomic_store(&s->punch_started, 1);
 	if (fallocate(w->fd, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE,
 		      (off_t)(first * w->psz), (off_t)(n * w->psz)))
 		writer_fail(w, "fallocate(PUNCH_HOLE) for --punch-hole");
