@@ -1354,6 +1354,13 @@ def format_run(run: Mapping[str, Any], notebook: str | os.PathLike | None = None
         item(label, text)
     if not metrics:
         item("metrics", "none (no summary record)")
+    floors = g("floors")
+    if isinstance(floors, Mapping) and "_unreadable" not in floors:
+        rt = floors.get("round_trip_us")
+        item("floors", f"guest memcpy {format_number(floors.get('memcpy_gb_s'))} GB/s, "
+             f"fault round trip p50 "
+             f"{format_number(rt.get('p50') if isinstance(rt, Mapping) else None)} us "
+             f"(uffd-bench after the run)")
     for name, problem in (g("unreadable") or {}).items():
         item("(?)", f"{name} unreadable: {problem}")
     stderr = g("stderr") or ""

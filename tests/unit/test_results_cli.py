@@ -359,3 +359,25 @@ def test_failed_build_keeps_its_log(tmp_path, lab, monkeypatch):
     assert len(left) == KEEP_FAILED_LOGS and kept.name in left
     assert left[:-1] == [p.name for p in old[-(KEEP_FAILED_LOGS - 1):]]
     assert other.exists()
+
+
+def test_show_names_the_guests_floors(tmp_path):
+    from tests.unit.test_results import FLOORS, make_result
+    with ResultsDB(tmp_path / "r.sqlite") as db:
+        db.store(make_result("fl01", floors=FLOORS))
+        db.store(make_result("fl02"))
+        with_floors, without = db.get("fl01"), db.get("fl02")
+    assert ("floors       guest memcpy 0.45 GB/s, fault round trip p50 111 us"
+            in format_run(with_floors))
+    assert "floors" not in format_run(without)
+
+
+def test_run_floors_flag_prints_the_ratios(capsys):
+    from tests.unit.test_results import FLOORS, make_result
+    from uffdlab.cli.runs import _print_run
+    _print_run(make_result("fl03", floors=FLOORS))
+    out = capsys.readouterr().out
+    assert "snapshot throughput vs guest memcpy: 1.445 x memcpy" in out
+    assert "fault p50 vs guest round trip: 1.94 x round trip" in out
+    args = cli.build_parser().parse_args(["run", "S3", "--floors"])
+    assert args.floors is True

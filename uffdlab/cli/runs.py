@@ -56,7 +56,8 @@ def cmd_run(args) -> int:
     vm = _run_vm(args, lab_of(args), fresh=False)
     params = parse_params(args.param)
     prepare(vm, args.scenario, params, args.timeout)     # fail before booting anything
-    res = api.run_and_store(vm, args.scenario, params, args.timeout)   # says where it went
+    res = api.run_and_store(vm, args.scenario, params, args.timeout,   # says where it went
+                            floors=args.floors)
     _print_run(res)
     if not res.status.ran:
         return EXIT_FAIL
@@ -78,8 +79,17 @@ def _print_run(res) -> None:
               f"latency p50 {lat.get('p50')} us p99 {lat.get('p99')} us, max stall "
               f"{s.get('writer_stall_max_ms')} ms, mismatched pages "
               f"{s.get('mismatched_pages')} {s.get('mismatches_by_cause') or ''}")
+    for label, v, unit in _floor_rows(res):
+        print(f"  {label}: {v:g} {unit}")
     if res.error:
         print(f"  error: {res.error}", file=sys.stderr)
+
+
+def _floor_rows(res) -> list:
+    if not res.floors:
+        return []
+    from ..report.tables import floor_rows       # pandas stays unloaded: rows are tuples
+    return floor_rows(res)
 
 
 def _check_vm_choice(args) -> None:
@@ -567,6 +577,10 @@ def register(sub) -> None:
                    help="scenario parameter, repeatable (see --list)")
     r.add_argument("--timeout", type=float, help="seconds (default: duration + 90)")
     r.add_argument("--list", action="store_true", help="print the catalogue")
+    r.add_argument("--floors", action="store_true",
+                   help="then measure the guest's memcpy and fault round trip (uffd-bench, "
+                   "about 2 s under TCG), store them with the run and print its figures as "
+                   "ratios to them")
     r.add_argument("--bisect", action="store_true",
                    help="for `git bisect run`: a fresh VM of --image, stopped after; exit 0 "
                    "verdict as expected, 1 not (or the run failed), 125 the kernel or image "
