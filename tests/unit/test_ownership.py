@@ -246,3 +246,21 @@ def test_state_of_an_older_lab_version_is_not_trusted(tmp_path):
     vm.state_file.write_text(json.dumps({"name": "guest", "keeper_pid": os.getpid()}))
     assert vm.state() is None                       # unreadable: nothing is signalled
     assert vm.down() is False
+
+
+def test_down_by_name_stops_a_notebooks_vm_that_status_lists(tmp_path, sleeper, capsys):
+    """nb-* VMs are not in lab.yml, but status lists them: down NAME stops
+    one; an unknown name is refused with the names it could be."""
+    lab = load_lab(write_lab(tmp_path / "lab.yml", tmp_path / "cache"))
+    nb = vm_for(lab, "trixie", "512M", 1)
+    keeper = sleeper(str(nb.dir))
+    fake_running(nb, keeper)
+    assert cli.main(["--lab", str(lab.source), "down", "nb-typo"]) == 2
+    err = capsys.readouterr().err
+    assert "no VM 'nb-typo' in lab.yml or running from it" in err
+    assert f"expected one of guest, {nb.name}" in err
+    assert keeper.poll() is None
+    assert cli.main(["--lab", str(lab.source), "down", nb.name]) == 0
+    assert f"{nb.name}: stopped" in capsys.readouterr().out
+    keeper.wait(10)
+    assert not nb.dir.exists()

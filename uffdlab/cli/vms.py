@@ -292,8 +292,17 @@ def cmd_down(args) -> int:
             stop_dir(d)
             print(f"{d.name}: stopped")
         vms = all_vms(lab, Renderer())
-    else:
+    elif args.vm in lab.vms:
         vms = [VM(lab, args.vm, Renderer())]
+    else:                         # a notebook's or sweep's VM (nb-*), as status lists it
+        running = {d.name: d for d, _ in other_running(lab)}
+        if args.vm not in running:
+            raise argparse.ArgumentTypeError(
+                f"down: no VM {args.vm!r} in {lab.source.name} or running from it; "
+                f"expected one of {', '.join(sorted({*lab.vms, *running})) or 'none'}")
+        stop_dir(running[args.vm])
+        print(f"{args.vm}: stopped")
+        return EXIT_OK
     for vm in vms:
         print(f"{vm.name}: {'stopped' if vm.down() else 'was not running'}")
     return EXIT_OK
