@@ -10,7 +10,6 @@ import json
 import os
 import signal
 import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -29,26 +28,6 @@ def write_lab(path: Path, cache: Path, name: str = "a", memory: str = "512M") ->
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(guest_lab(cache, name, memory))
     return path
-
-
-@pytest.fixture
-def sleeper():
-    """Start processes that stand in for a keeper or an unrelated program."""
-    procs = []
-
-    def start(*tags: str) -> subprocess.Popen:
-        p = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(120)", *tags])
-        procs.append(p)
-        deadline = time.monotonic() + 5           # until the exec shows in /proc
-        while "time.sleep" not in Path(f"/proc/{p.pid}/cmdline").read_text() \
-                and time.monotonic() < deadline:
-            time.sleep(0.01)
-        return p
-
-    yield start
-    for p in procs:
-        p.kill()
-        p.wait()
 
 
 def fake_running(vm: VM, keeper: subprocess.Popen, memory: int | None = None) -> VMState:
