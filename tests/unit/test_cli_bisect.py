@@ -117,7 +117,7 @@ def world(tmp_path, monkeypatch):
         if w.ready is not None:
             raise w.ready
 
-    def run_and_store(vm, scenario, params=None, timeout=None):
+    def run_and_store(vm, scenario, params=None, timeout=None, floors=False):
         w.calls.append(("run", vm.name, scenario, params, timeout))
         if isinstance(w.run, BaseException):
             raise w.run

@@ -88,7 +88,7 @@ def _print_run(res) -> None:
 def _floor_rows(res) -> list:
     if not res.floors:
         return []
-    from ..report.tables import floor_rows       # pandas stays unloaded: rows are tuples
+    from ..report.tables import floor_rows  # pandas stays unloaded: rows are tuples
     return floor_rows(res)
 
 
