@@ -84,7 +84,7 @@ def export_image(store: ImageStore, name: str, dest: Path,
 def lock_mismatches(lab: Lab, desc: dict) -> list[str]:
     """How the archive (its descriptor) differs from the lab's lab.lock: one
     line for each locked image of the archive's recipe whose content hash is
-    another. None without a lock or an entry of that recipe."""
+    another; none without a lock or an entry of that recipe."""
     lock = read_lock(lab.source)
     if lock is None:
         return []
