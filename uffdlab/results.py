@@ -223,7 +223,8 @@ _V3 = [
 
 # v4: the guest's floors measured right after the run (uffd-bench's record,
 # JSON), which the run's figures are compared with.
-_V4 = ["ALTER TABLE runs ADD COLUMN floors TEXT"]
+_V4_FIELDS = ("floors",)
+_V4 = [f"ALTER TABLE runs ADD COLUMN {c} TEXT" for c in _V4_FIELDS]
 
 # MIGRATIONS[i] upgrades a database at schema version i to version i + 1.
 MIGRATIONS: list[list[str]] = [_V1, _V2, _V3, _V4]
@@ -232,16 +233,15 @@ SCHEMA_VERSION = len(MIGRATIONS)
 _RUN_FIELDS = ("run_id", "started", "lab", "vm", "image", "image_key", "kernel", "accel",
                "tools_version", "scenario", "scenario_name", "params", "command", "status",
                "duration_s", "exit_code", "error", "expect_consistent", "consistent",
-               *METRICS, *_V3_FIELDS, "summary", "config", "floors")
+               *METRICS, *_V3_FIELDS, "summary", "config", *_V4_FIELDS)
 # What runs() returns: everything in `runs` but the bulky JSON records.
 _LIST_FIELDS = tuple(f for f in _RUN_FIELDS if f not in ("summary", "config", "floors"))
 _TABLES = ("runs", "latency_hist", "faults", "mismatches", "logs")
 # The `runs` columns a database at schema v1 must have (v2 adds _V2_METRICS,
 # v3 _V3_FIELDS, v4 floors).
-_V1_COLUMNS = frozenset(f for f in _RUN_FIELDS if f not in _V2_METRICS
-                        and f not in _V3_FIELDS and f != "floors")
-_V2_COLUMNS = frozenset(f for f in _RUN_FIELDS if f not in _V3_FIELDS and f != "floors")
-_V3_COLUMNS = frozenset(f for f in _RUN_FIELDS if f != "floors")
+_V3_COLUMNS = frozenset(_RUN_FIELDS) - set(_V4_FIELDS)
+_V2_COLUMNS = _V3_COLUMNS - set(_V3_FIELDS)
+_V1_COLUMNS = _V2_COLUMNS - set(_V2_METRICS)
 
 
 # -- helpers ------------------------------------------------------------------

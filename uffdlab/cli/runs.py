@@ -79,17 +79,11 @@ def _print_run(res) -> None:
               f"latency p50 {lat.get('p50')} us p99 {lat.get('p99')} us, max stall "
               f"{s.get('writer_stall_max_ms')} ms, mismatched pages "
               f"{s.get('mismatched_pages')} {s.get('mismatches_by_cause') or ''}")
-    for label, v, unit in _floor_rows(res):
+    from ..report.tables import floor_rows  # no pandas: rows are tuples
+    for label, v, unit in floor_rows(res):
         print(f"  {label}: {v:g} {unit}")
     if res.error:
         print(f"  error: {res.error}", file=sys.stderr)
-
-
-def _floor_rows(res) -> list:
-    if not res.floors:
-        return []
-    from ..report.tables import floor_rows  # pandas stays unloaded: rows are tuples
-    return floor_rows(res)
 
 
 def _check_vm_choice(args) -> None:
