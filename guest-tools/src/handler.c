@@ -151,7 +151,7 @@ static bool serve_fault(struct coord *c, struct proc *p, const struct uffd_msg *
 	return true;
 }
 
-/* After every writer of a read is woken: copy the fault's window and
+/* After every writer of the round is woken: copy the fault's window and
  * un-protect it with one ioctl in the faulting process (without DONTWAKE:
  * a fault queued there meanwhile may wait on one of its pages) and, with
  * --unprotect all, one in every other process. */
@@ -170,48 +170,51 @@ static void serve_ahead(struct coord *c, const struct ahead *a)
 
 #define READ_BATCH 16     /* uffd messages per read() */
 
-/* Serve every fault waiting on p's uffd: per read, first the pages the
- * writers wait for, then the windows. */
-static void drain_uffd(struct coord *c, struct proc *p)
+/* One read of p's uffd: wake every writer it reports (serve_fault) and add
+ * their windows to todo[*ntodo...]. */
+static void serve_read(struct coord *c, struct proc *p, struct ahead *todo, size_t *ntodo)
 {
 	struct uffd_msg msgs[READ_BATCH];
-	struct ahead todo[READ_BATCH];
+	ssize_t n = read(p->uffd, msgs, sizeof(msgs));
 
-	for (;;) {
-		ssize_t n = read(p->uffd, msgs, sizeof(msgs));
-		size_t ntodo = 0;
-
-		if (n < 0) {
-			if (errno != EAGAIN && errno != EINTR)
-				handler_error(c, "read(uffd) of writer %d failed: %s (errno %d)",
-					      p->id, strerror(errno), errno);
-			return;
+	if (n < 0) {
+		if (errno != EAGAIN && errno != EINTR)
+			handler_error(c, "read(uffd) of writer %d failed: %s (errno %d)", p->id,
+				      strerror(errno), errno);
+		return;
+	}
+	for (size_t i = 0; i < (size_t)n / sizeof(msgs[0]); i++) {
+		if (msgs[i].event != UFFD_EVENT_PAGEFAULT ||
+		    !(msgs[i].arg.pagefault.flags & UFFD_PAGEFAULT_FLAG_WP)) {
+			handler_error(c, "unexpected uffd event %u (flags 0x%llx) from writer %d",
+				      msgs[i].event,
+				      (unsigned long long)msgs[i].arg.pagefault.flags, p->id);
+			continue;
 		}
-		for (size_t i = 0; i < (size_t)n / sizeof(msgs[0]); i++) {
-			if (msgs[i].event != UFFD_EVENT_PAGEFAULT ||
-			    !(msgs[i].arg.pagefault.flags & UFFD_PAGEFAULT_FLAG_WP)) {
-				handler_error(c,
-					      "unexpected uffd event %u (flags 0x%llx) from writer %d",
-					      msgs[i].event,
-					      (unsigned long long)msgs[i].arg.pagefault.flags,
-					      p->id);
-				continue;
-			}
-			if (serve_fault(c, p, &msgs[i], &todo[ntodo]))
-				ntodo++;
-		}
-		for (size_t i = 0; i < ntodo; i++)
-			serve_ahead(c, &todo[i]);
+		if (serve_fault(c, p, &msgs[i], &todo[*ntodo]))
+			(*ntodo)++;
 	}
 }
 
+/*
+ * Each round: one read of every uffd that has faults, waking those writers,
+ * then the windows of all of them, then poll again.  Reading one uffd until
+ * it was empty let a writer that faults again as soon as it is woken keep
+ * the handler to itself while the others waited, for tens of ms at a time
+ * (docs/snapshot-engine.md, "Fair rounds").
+ */
 static void *handler_main(void *arg)
 {
 	struct coord *c = arg;
 	struct pollfd pfd[MAX_WRITERS + 1];
 	struct proc *who[MAX_WRITERS];
+	struct ahead *todo = calloc((size_t)c->nproc * READ_BATCH, sizeof(*todo));
 	int n = 0;
 
+	if (!todo) {
+		handler_error(c, "out of memory for the fault handler's windows");
+		return NULL;
+	}
 	for (int i = 0; i < c->nproc; i++) {
 		if (c->proc[i].uffd < 0)
 			continue;
@@ -221,18 +224,25 @@ static void *handler_main(void *arg)
 	pfd[n] = (struct pollfd){ .fd = c->stop_efd, .events = POLLIN };
 	for (;;) {
 		int r = poll(pfd, (nfds_t)n + 1, HANDLER_POLL_MS);
+		size_t ntodo = 0;
 
 		if (r < 0 && errno != EINTR) {
 			handler_error(c, "poll on uffds failed: %s (errno %d)", strerror(errno),
 				      errno);
-			return NULL;
+			break;
 		}
+		if (r <= 0)
+			continue;
 		if (pfd[n].revents & POLLIN)
-			return NULL;
+			break;
 		for (int i = 0; i < n; i++)
 			if (pfd[i].revents & POLLIN)
-				drain_uffd(c, who[i]);
+				serve_read(c, who[i], todo, &ntodo);
+		for (size_t i = 0; i < ntodo; i++)
+			serve_ahead(c, &todo[i]);
 	}
+	free(todo);
+	return NULL;
 }
 
 void handler_start(struct coord *c)

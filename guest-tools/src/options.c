@@ -58,7 +58,7 @@ static const char *const yes_no_names[] = { "no", "yes" };
 
 #define DEFAULT_SIZE (64ULL << 20)
 /* Engine tunables' defaults: the fastest exact setting measured (README.md) */
-#define DEFAULT_COPY_AHEAD 16
+#define DEFAULT_COPY_AHEAD 64
 #define DEFAULT_COPY_RUN 32
 #define DEFAULT_RELEASE_MB 2
 
