@@ -57,10 +57,14 @@ const char *const release_names[REL_N] = {
 static const char *const yes_no_names[] = { "no", "yes" };
 
 #define DEFAULT_SIZE (64ULL << 20)
-/* Engine tunables' defaults: the fastest exact setting measured (README.md) */
+/* Engine tunables' defaults: the fastest exact setting measured
+ * (docs/snapshot-engine.md).  The window and the copier's run are sizes,
+ * in 4 KiB pages: on huge pages they are one page each, since a window of
+ * 64 huge pages (128 MiB) held the fault handler for tens of ms. */
 #define DEFAULT_COPY_AHEAD 64
 #define DEFAULT_COPY_RUN 32
 #define DEFAULT_RELEASE_MB 2
+#define DEFAULT_UNIT 4096u
 
 static void usage(FILE *f)
 {
@@ -86,9 +90,9 @@ static void usage(FILE *f)
 "  --release-mb MB                            --release chunk granularity, " STR(LIM_RELEASE_MB_MIN) ".." STR(LIM_RELEASE_MB_MAX) " (" STR(DEFAULT_RELEASE_MB) ")\n"
 "  --copy-ahead PAGES                         uffd-wp: on a fault during the copy, copy the aligned window of\n"
 "                                             PAGES around it and un-protect it with one ioctl per process,\n"
-"                                             " STR(LIM_COPY_AHEAD_MIN) ".." STR(LIM_COPY_AHEAD_MAX) " (" STR(DEFAULT_COPY_AHEAD) "; 1 = only the faulting page)\n"
+"                                             " STR(LIM_COPY_AHEAD_MIN) ".." STR(LIM_COPY_AHEAD_MAX) " (" STR(DEFAULT_COPY_AHEAD) "; hugetlbfs: 1; 1 = only the faulting page)\n"
 "  --copy-run PAGES                           pages the background copier claims and copies at once,\n"
-"                                             " STR(LIM_COPY_RUN_MIN) ".." STR(LIM_COPY_RUN_MAX) " (" STR(DEFAULT_COPY_RUN) ")\n"
+"                                             " STR(LIM_COPY_RUN_MIN) ".." STR(LIM_COPY_RUN_MAX) " (" STR(DEFAULT_COPY_RUN) "; hugetlbfs: 1)\n"
 "  --unregistered K                           the last K writers map RAM but never register (0)\n"
 "  --fd-writes                                writer 0 writes with pwrite() on the fd\n"
 "  --punch-hole                               writer 0 punches %d pages after the instant\n"
@@ -303,6 +307,24 @@ long backing_page_size(enum backing b)
 	return b == B_HUGETLBFS ? meminfo_value("Hugepagesize") * 1024 : sysconf(_SC_PAGESIZE);
 }
 
+uint64_t default_pages(uint64_t units, long psz)
+{
+	uint64_t per_page = psz > (long)DEFAULT_UNIT ? (uint64_t)psz / DEFAULT_UNIT : 1;
+
+	return units / per_page ? units / per_page : 1;
+}
+
+/* --copy-ahead and --copy-run not given (0): their defaults for this backing. */
+static void default_sizes(struct opts *o)
+{
+	long psz = backing_page_size(o->backing);
+
+	if (!o->copy_ahead)
+		o->copy_ahead = default_pages(DEFAULT_COPY_AHEAD, psz);
+	if (!o->copy_run)
+		o->copy_run = default_pages(DEFAULT_COPY_RUN, psz);
+}
+
 static void check_size(struct opts *o, const char *arg)
 {
 	long psz = backing_page_size(o->backing);
@@ -345,8 +367,7 @@ enum action parse_options(int argc, char **argv, struct opts *o)
 			    .writers = 1, .pattern = PAT_UNIFORM, .rate = 0, .duration = 1,
 			    .prefill = true, .prearm = true, .seed = 1, .progress_ms = 200,
 			    .stagger_ms = 2, .scan_rounds = 5, .unprotect = UNPROT_ALL,
-			    .release = REL_CHUNK, .copy_ahead = DEFAULT_COPY_AHEAD,
-			    .copy_run = DEFAULT_COPY_RUN, .release_mb = DEFAULT_RELEASE_MB };
+			    .release = REL_CHUNK, .release_mb = DEFAULT_RELEASE_MB };
 	opterr = 0;
 	while ((c = getopt_long(argc, argv, ":", long_opts, NULL)) != -1) {
 		snprintf(flag, sizeof(flag), "--%s", option_name(c));
@@ -466,5 +487,6 @@ enum action parse_options(int argc, char **argv, struct opts *o)
 		die_usage(argv[optind], "unexpected argument '%s' (see --help)", argv[optind]);
 	check_combinations(o, timeout_set, warmup_set);
 	check_size(o, size_arg);
+	default_sizes(o);
 	return ACT_RUN;
 }

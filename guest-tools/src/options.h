@@ -67,6 +67,10 @@ struct opts {
  * <= 0 when the kernel reports none. */
 long backing_page_size(enum backing b);
 
+/* A default of `units` 4 KiB pages in pages of psz bytes, at least one
+ * (--copy-ahead and --copy-run are sizes by default: hugetlbfs gets 1). */
+uint64_t default_pages(uint64_t units, long psz);
+
 /* What main() does after parsing. */
 enum action { ACT_RUN, ACT_SELF_TEST };
 

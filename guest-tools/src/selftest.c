@@ -59,6 +59,16 @@ static void test_parse(void)
 	CHECK(!parse_double("inf", &d));
 }
 
+static void test_default_pages(void)
+{
+	CHECK(default_pages(64, 4096) == 64);
+	CHECK(default_pages(32, 4096) == 32);
+	CHECK(default_pages(64, 16384) == 16);
+	CHECK(default_pages(64, 2L << 20) == 1);
+	CHECK(default_pages(32, 1L << 30) == 1);
+	CHECK(default_pages(64, 0) == 64);      /* no page size reported */
+}
+
 static void test_exit_descriptions(void)
 {
 	char buf[96];
@@ -285,6 +295,7 @@ int self_test(void)
 
 	j_init(&g_fails);
 	test_parse();
+	test_default_pages();
 	test_exit_descriptions();
 	test_hist();
 	test_json();
