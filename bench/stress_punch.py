@@ -46,7 +46,8 @@ TOOL = REPO / "guest-tools" / "bin" / "uffd-snapshot"
 SIZE_BYTES = 16 << 20
 BASE_ARGS = ("--size", str(SIZE_BYTES), "--writers", "2", "--punch-hole", "--verify",
              "--rate", "100000", "--duration", "0.4")
-# engine settings cycled through: the defaults, then those the campaign used
+# engine settings cycled through: the defaults, the window the defaults had
+# before fair rounds (16), then those the campaign used
 DEFAULT_SETTINGS = ("", "--copy-ahead 16", "--copy-run 1", "--copy-ahead 1",
                     "--copy-ahead 64 --copy-run 1", "--copy-ahead 512",
                     "--copy-ahead 64 --unprotect faulting", "--release end --copy-ahead 32")
